@@ -1,0 +1,31 @@
+# Two commands: `make serve` and `make test`. Both set everything up on a fresh machine.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+KILN   := $(VENV)/bin/kiln
+STAMP  := $(VENV)/.kiln-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup serve test migrate bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU wheel on disk; anything looser pulls GBs of CUDA.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+migrate: setup
+	$(KILN) db upgrade
+
+serve: migrate
+	$(KILN) serve --host 127.0.0.1 --port 8000
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) var build dist

@@ -1,0 +1,1 @@
+"""HTTP: FastAPI routes, auth and the one place exceptions become OpenAI-shaped error responses."""

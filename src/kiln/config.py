@@ -1,0 +1,159 @@
+"""Kiln's settings: defaults < TOML file < `KILN_*` environment variables < explicit arguments.
+
+Settings are built by `load_settings` inside the app factory or a CLI command, never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+EMBEDDED_MODEL_PATH = Path(__file__).parent / "embedded" / "model"
+EMBEDDED_MODEL_NAME = "kiln-embedded"
+
+
+class ModelSpec(BaseModel):
+    """One diffusers pipeline on local disk."""
+
+    path: Path
+    """Directory holding a diffusers pipeline saved with `save_pretrained`."""
+    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
+    """Torch dtype the pipeline is loaded in."""
+    steps: int | None = Field(None, ge=1, le=200)
+    """Default denoising steps; None takes the model's own default (its kiln.json) or 30."""
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    """Default classifier-free guidance; None takes the model's own default or 7.5."""
+    native_size: int | None = Field(None, ge=8, le=4096)
+    """Side the model draws at; larger requests are resized. None: the model's kiln.json, else 512."""
+    loader: str = "kiln.worker.registry:load_diffusers_pipeline"
+    """`module:function` that loads the pipeline; tests name a fake here, which must run in workers too."""
+    options: dict[str, float | int | str] = Field(default_factory=dict)
+    """Extra keyword arguments for the loader."""
+
+
+class PlanSpec(BaseModel):
+    """A plan's defaults; the database holds the live values, which operators change at run time."""
+
+    images_per_day: int | None = Field(None, ge=0)
+    """Daily image quota; None means unlimited."""
+    priority_weight: int = Field(1, ge=1, le=1000)
+    """Share of the GPU this plan's queue gets relative to the other plans."""
+    max_concurrent: int = Field(1, ge=1, le=1000)
+    """Jobs one user of this plan may have queued or running at once."""
+    max_n: int = Field(1, ge=1, le=10)
+    """Most images one request may ask for."""
+    wait_target_s: float = Field(120.0, gt=0)
+    """Queue wait the plan promises; admission degrades, then refuses, beyond it."""
+    relax_mode: bool = False
+    """Past the daily quota, keep generating in an idle-only queue instead of refusing."""
+
+
+DEFAULT_PLANS: dict[str, PlanSpec] = {
+    "free": PlanSpec(images_per_day=3, priority_weight=1, max_concurrent=1, max_n=1, wait_target_s=120),
+    "plus": PlanSpec(images_per_day=200, priority_weight=4, max_concurrent=3, max_n=4, wait_target_s=30),
+    "enterprise": PlanSpec(
+        images_per_day=None, priority_weight=8, max_concurrent=10, max_n=10, wait_target_s=15
+    ),
+}
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Env vars are `KILN_<FIELD>`, nested with `__`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KILN_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    """Address `kiln serve` binds to."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Port `kiln serve` listens on."""
+    database_url: str = "sqlite:///var/kiln.db"
+    """SQLAlchemy URL: SQLite (default, WAL mode) or `postgresql+psycopg://…`."""
+    redis_url: str | None = None
+    """Redis for events, live settings and revocations between replicas; None on one process."""
+    data_dir: Path = Path("var")
+    """Where Kiln keeps its state on disk (images, SQLite database)."""
+    images_dir: Path = Path("var/images")
+    """Where generated images are stored."""
+    models: dict[str, ModelSpec] = Field(
+        default_factory=lambda: {EMBEDDED_MODEL_NAME: ModelSpec(path=EMBEDDED_MODEL_PATH)}
+    )
+    """Loaded models by name."""
+    default_model: str = EMBEDDED_MODEL_NAME
+    """The model used when a request names none."""
+    model_aliases: dict[str, str] = Field(
+        default_factory=lambda: {
+            "gpt-image-1": EMBEDDED_MODEL_NAME,
+            "dall-e-3": EMBEDDED_MODEL_NAME,
+            "dall-e-2": EMBEDDED_MODEL_NAME,
+        }
+    )
+    """Other names a request may use for a loaded model (OpenAI's, so unmodified apps work)."""
+    plans: dict[str, PlanSpec] = Field(default_factory=lambda: dict(DEFAULT_PLANS))
+    """Plans created on first start; afterwards the database holds the live values."""
+    default_plan: str = "free"
+    """Plan given to users created without one."""
+    workers: int = Field(1, ge=1, le=64)
+    """Worker processes (one per GPU; one on a CPU machine)."""
+    torch_threads: int = Field(2, ge=1, le=256)
+    """Intra-op threads per worker process."""
+    max_batch_size: int = Field(8, ge=1, le=64)
+    """Most images the batcher packs into one pipeline call."""
+    max_batch_wait_s: float = Field(0.05, ge=0.0, le=10.0)
+    """How long the batcher holds a partial batch for more requests with the same key."""
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    """Largest request body accepted for image edits."""
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    """Largest decoded upload (width × height); bigger is refused as a decompression bomb."""
+    moderation_blocklist: list[str] = Field(default_factory=lambda: ["gore", "nsfw"])
+    """Words that get a prompt refused with `moderation_blocked`."""
+    live_settings_poll_s: float = Field(2.0, gt=0, le=60)
+    """How often a running server re-reads plans from the database."""
+    public_base_url: str | None = None
+    """Base URL used for `response_format=url`; None derives it from the request."""
+
+    @field_validator("models")
+    @classmethod
+    def _at_least_one_model(cls, value: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        if not value:
+            raise ValueError("at least one model must be configured")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    def resolve_model(self, name: str | None) -> str | None:
+        """The loaded model's name for a request's `model` (a name or an alias), or None if unknown."""
+        if not name:
+            return self.default_model
+        if name in self.models:
+            return name
+        return self.model_aliases.get(name)
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build settings from an optional TOML file, the environment and explicit overrides."""
+    if config_file is None:
+        return Settings(**overrides)
+    path = Path(config_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with_file = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}})
+    return with_file(**overrides)

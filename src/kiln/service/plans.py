@@ -1,0 +1,80 @@
+"""Plans live in the database so operators can change them on a running server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from kiln.config import PlanSpec
+from kiln.db.models import Plan
+from kiln.errors import NotFound
+
+
+@dataclass(frozen=True)
+class PlanLimits:
+    """A snapshot of one plan's live limits."""
+
+    name: str
+    images_per_day: int | None
+    priority_weight: int
+    max_concurrent: int
+    max_n: int
+    wait_target_s: float
+    relax_mode: bool
+
+    @classmethod
+    def of(cls, plan: Plan) -> PlanLimits:
+        return cls(
+            name=plan.name,
+            images_per_day=plan.images_per_day,
+            priority_weight=plan.priority_weight,
+            max_concurrent=plan.max_concurrent,
+            max_n=plan.max_n,
+            wait_target_s=plan.wait_target_s,
+            relax_mode=plan.relax_mode,
+        )
+
+
+def ensure_plans(factory: sessionmaker[Session], defaults: dict[str, PlanSpec]) -> None:
+    """Create the configured plans that do not exist yet; never overwrite live values."""
+    with factory.begin() as session:
+        existing = set(session.scalars(select(Plan.name)))
+        for name, spec in defaults.items():
+            if name not in existing:
+                session.add(Plan(name=name, **spec.model_dump()))
+
+
+def list_plans(factory: sessionmaker[Session]) -> list[PlanLimits]:
+    with factory() as session:
+        return [PlanLimits.of(p) for p in session.scalars(select(Plan).order_by(Plan.priority_weight))]
+
+
+def get_plan(factory: sessionmaker[Session], name: str) -> PlanLimits:
+    with factory() as session:
+        plan = session.get(Plan, name)
+        if plan is None:
+            raise NotFound(f"no plan named {name!r}", param="plan")
+        return PlanLimits.of(plan)
+
+
+UNSET = object()
+
+
+def update_plan(factory: sessionmaker[Session], name: str, **changes: object) -> PlanLimits:
+    """Change a plan's live limits; fields passed as UNSET are left alone."""
+    allowed = set(PlanSpec.model_fields)
+    with factory.begin() as session:
+        plan = session.get(Plan, name)
+        if plan is None:
+            raise NotFound(f"no plan named {name!r}", param="plan")
+        values = {k: v for k, v in changes.items() if v is not UNSET}
+        unknown = set(values) - allowed
+        if unknown:
+            raise ValueError(f"unknown plan fields: {sorted(unknown)}")
+        merged = PlanSpec.model_validate({**PlanLimits.of(plan).__dict__, **values})
+        for field in values:
+            setattr(plan, field, getattr(merged, field))
+        session.flush()
+        return PlanLimits.of(plan)
