@@ -86,7 +86,7 @@ def generate(
             progress.update(task, completed=update.step)
 
         images = run_batch(registry, spec, [request], on_progress=on_progress)["cli"]
-    for path, image in zip(output_paths(output, n), images, strict=True):
+    for i, (path, image) in enumerate(zip(output_paths(output, n), images, strict=True)):
         image.save(path)
-        err.print(f"wrote {path} ({width}x{height}, seed {request.seed + images.index(image)})")
+        err.print(f"wrote {path} ({width}x{height}, seed {request.seed + i})")
     err.print(f"[dim]{time.perf_counter() - started:.2f} s with model {info.name}[/]")
