@@ -8,15 +8,23 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from kiln import __version__
+from kiln.api.body_limit import BodySizeLimit
 from kiln.api.errors import install_error_handlers
-from kiln.api.routes import health, models
-from kiln.api.state import AppState
+from kiln.api.routes import health, images, jobs, keys, models, usage
+from kiln.api.state import AppState, RunnerFactory
 from kiln.config import Settings, load_settings
+from kiln.web import install_web
+from kiln.service.clock import Clock
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    clock: Clock | None = None,
+    runner_factory: RunnerFactory | None = None,
+) -> FastAPI:
     settings = settings or load_settings()
-    state = AppState.build(settings)
+    state = AppState.build(settings, clock=clock, runner_factory=runner_factory)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -31,4 +39,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)
+    install_web(app, state)
+    app.include_router(images.router)
+    app.include_router(usage.router)
+    app.include_router(jobs.router)
+    app.include_router(keys.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     return app

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.config import Settings
 from kiln.db.engine import make_engine, make_session_factory
+from kiln.service.clock import Clock, SystemClock
+from kiln.service.moderation import Moderation
+from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
+from kiln.service.runner import InlineJobRunner, JobRunner
+from kiln.service.storage import ImageStore
 from kiln.worker.registry import ModelRegistry
+
+RunnerFactory = Callable[["AppState"], JobRunner]
+"""Builds the job runner from the rest of the state (the engine plugs in here)."""
+
+
+def inline_runner(state: AppState) -> JobRunner:
+    return InlineJobRunner(state.db, state.registry, state.store, concurrency=state.settings.workers)
 
 
 @dataclass
@@ -20,21 +33,38 @@ class AppState:
     db: sessionmaker[Session]
     registry: ModelRegistry
     ready: bool = False
+    clock: Clock = field(default_factory=SystemClock)
+    """Time for quota days; tests pass a FakeClock."""
+    store: ImageStore = field(default=None)  # type: ignore[assignment]
+    plans: PlanCache = field(default=None)  # type: ignore[assignment]
+    moderation: Moderation = field(default=None)  # type: ignore[assignment]
+    runner: JobRunner = field(default=None)  # type: ignore[assignment]
 
     @classmethod
-    def build(cls, settings: Settings) -> AppState:
+    def build(
+        cls, settings: Settings, *, clock: Clock | None = None, runner_factory: RunnerFactory | None = None
+    ) -> AppState:
         engine = make_engine(settings.database_url)
-        return cls(
+        db = make_session_factory(engine)
+        state = cls(
             settings=settings,
             engine=engine,
-            db=make_session_factory(engine),
+            db=db,
             registry=ModelRegistry.from_settings(settings),
+            clock=clock or SystemClock(),
+            store=ImageStore(settings.images_dir),
+            plans=PlanCache(db, settings.live_settings_poll_s),
+            moderation=Moderation(settings.moderation_blocklist),
         )
+        state.runner = (runner_factory or inline_runner)(state)
+        return state
 
     async def start(self) -> None:
         ensure_plans(self.db, self.settings.plans)
+        await self.runner.start()
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        await self.runner.stop()
         self.engine.dispose()

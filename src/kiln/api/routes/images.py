@@ -1,0 +1,216 @@
+"""The OpenAI-compatible Images API: generations, edits, and Kiln's image lookup.
+
+A request becomes a job (`jobs.create_job`: limits, idempotency, quota, atomically), is handed to the
+runner, waited for, and answered in OpenAI's shape. Routes never run a pipeline themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from kiln.api.deps import CurrentAccount, State
+from kiln.api.ratelimit import current_usage
+from kiln.api.schemas import ERRORS, EditRequest, GenerationRequest, ImageInfo, ImagesResponse
+from kiln.api.state import AppState
+from kiln.errors import GenerationFailed, InvalidRequest, KilnError, Overloaded, RetryLater
+from kiln.service import image_requests as ir
+from kiln.service import jobs, provenance
+from kiln.service.accounts import Account
+
+router = APIRouter(prefix="/v1", tags=["images"])
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+SYNC_WAIT_S = 600.0
+_MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def _spec(state: AppState, body: GenerationRequest | EditRequest, kind: str, task: str) -> jobs.JobSpec:
+    info = state.registry.info(body.model)  # ModelNotFound → 404 model_not_found
+    if body.background == "transparent" and body.output_format == "jpeg":
+        raise InvalidRequest("A transparent background needs output_format png or webp.", param="background")
+    width, height = ir.resolve_size(body.size, info)
+    params: dict[str, Any] = {
+        "task": task,
+        "output_format": body.output_format or "png",
+        "output_compression": body.output_compression,
+        "quality": ir.quality_name(body.quality),
+        "user": body.user,
+        "background": body.background,
+        "moderation": body.moderation,
+    }
+    if isinstance(body, EditRequest) and body.strength is not None:
+        params["strength"] = body.strength
+    return jobs.JobSpec(
+        kind=kind, model=info.name, prompt=body.prompt, n=body.n or 1, width=width, height=height,
+        steps=ir.steps_for(body.quality, info), guidance_scale=info.guidance_scale,
+        seed=ir.pick_seed(body.seed), params=params,
+    )
+
+
+async def _admit_and_wait(
+    state: AppState,
+    request: Request,
+    response: Response,
+    account: Account,
+    spec: jobs.JobSpec,
+    body: GenerationRequest | EditRequest,
+    idempotency_key: str | None,
+    digest: str,
+    uploads: dict[str, bytes] | None = None,
+) -> ImagesResponse:
+    state.moderation.check(spec.prompt)  # before anything is reserved
+    plan = await asyncio.to_thread(state.plans.get, account.plan_name)
+    try:
+        admission = await asyncio.to_thread(
+            jobs.create_job, state.db, state.store, account=account, plan=plan, spec=spec,
+            now=state.clock.now(), idempotency_key=idempotency_key, request_hash=digest, uploads=uploads,
+        )
+    except RetryLater as exc:
+        exc.headers = (await current_usage(state, account))[1]  # type: ignore[attr-defined]
+        raise
+    job = admission.job
+    if admission.created:
+        await state.runner.submit(job.id)
+    outcome = await state.runner.wait(job.id, SYNC_WAIT_S)
+    if not outcome.finished:
+        await asyncio.to_thread(jobs.cancel_job, state.db, job.id, None)
+        await state.runner.cancel(job.id)
+        raise Overloaded("The image took too long to generate; your quota was refunded.", retry_after_s=30)
+    if outcome.status != "succeeded":
+        reason = "was cancelled" if outcome.status == "cancelled" else "failed"
+        raise GenerationFailed(
+            f"The image generation {reason} ({outcome.error_code or outcome.status}); "
+            "your quota was refunded."
+        )
+    response.headers.update((await current_usage(state, account))[1])
+    response_format = body.response_format or "b64_json"
+    base = state.settings.public_base_url or str(request.base_url).rstrip("/")
+    data = []
+    for image_id in outcome.image_ids:
+        item: dict[str, Any] = {"id": image_id}
+        if response_format == "url":
+            item["url"] = f"{base.rstrip('/')}/v1/images/{image_id}/content"
+        else:
+            image = await asyncio.to_thread(jobs.get_image, state.db, image_id, account.user_id)
+            content = await asyncio.to_thread(state.store.read, image.path)
+            item["b64_json"] = base64.b64encode(content).decode()
+        data.append(item)
+    return ImagesResponse(
+        id=job.id,
+        created=int(job.created_at.timestamp()),
+        data=data,
+        output_format=spec.params["output_format"],
+        quality=spec.params["quality"],
+        size=f"{spec.width}x{spec.height}",
+        usage=ir.token_usage(spec.prompt, spec.n, spec.width, spec.height, int(uploads is not None)),
+    )
+
+
+@router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
+             responses=ERRORS)
+async def create_image(
+    body: GenerationRequest,
+    request: Request,
+    response: Response,
+    state: State,
+    account: CurrentAccount,
+    idempotency_key: IdempotencyKey = None,
+) -> ImagesResponse:
+    """Generate images from a prompt (OpenAI's `images.generate`)."""
+    spec = _spec(state, body, "generate", "generate")
+    digest = jobs.request_hash({"endpoint": "generations", **body.model_dump(exclude_none=True)})
+    return await _admit_and_wait(state, request, response, account, spec, body, idempotency_key, digest)
+
+
+def _edit_schema() -> dict[str, Any]:
+    schema = EditRequest.model_json_schema()
+    binary = {"type": "string", "format": "binary"}
+    schema["properties"] = {
+        "image": {"anyOf": [binary, {"type": "array", "items": binary}],
+                  "description": "PNG, JPEG or WEBP; the first image is edited."},
+        "mask": {**binary, "description": "PNG the size of the image; transparent = edit here."},
+        **schema["properties"],
+    }
+    schema["required"] = ["image", *schema.get("required", [])]
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+async def _read_form(request: Request) -> tuple[dict[str, str], dict[str, list[bytes]]]:
+    fields: dict[str, str] = {}
+    files: dict[str, list[bytes]] = {}
+    async with request.form(max_files=32, max_fields=64) as form:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.setdefault(name.removesuffix("[]"), []).append(await value.read())
+            else:
+                fields[name] = value
+    return fields, files
+
+
+@router.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
+             responses=ERRORS, openapi_extra=_edit_schema())
+async def edit_image(
+    request: Request,
+    response: Response,
+    state: State,
+    account: CurrentAccount,
+    idempotency_key: IdempotencyKey = None,
+) -> ImagesResponse:
+    """Edit an image (img2img), or repaint the masked part of it (inpainting): OpenAI's `images.edit`."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise InvalidRequest("Send the edit as multipart/form-data with an 'image' file.", param="image")
+    fields, files = await _read_form(request)
+    try:
+        body = EditRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    unknown = set(files) - {"image", "mask"}
+    if unknown:
+        raise InvalidRequest(f"Unknown file field '{sorted(unknown)[0]}'.", param=sorted(unknown)[0])
+    if not files.get("image"):
+        raise InvalidRequest("An 'image' file is required (image URLs are not fetched).", param="image")
+    if len(files["image"]) > 16 or len(files.get("mask", [])) > 1:
+        raise InvalidRequest("At most 16 images and one mask.", param="image")
+    mask = files.get("mask", [None])[0]
+    uploads = await asyncio.to_thread(
+        ir.edit_inputs, files["image"][0], mask, state.settings.max_image_pixels
+    )
+    spec = _spec(state, body, "edit", "inpaint" if mask is not None else "edit")
+    digest = jobs.request_hash({"endpoint": "edits", **body.model_dump(exclude_none=True)}, uploads)
+    return await _admit_and_wait(
+        state, request, response, account, spec, body, idempotency_key, digest, uploads
+    )
+
+
+@router.get("/images/{image_id}", response_model=ImageInfo, responses=ERRORS)
+async def get_image(image_id: str, request: Request, state: State, account: CurrentAccount) -> ImageInfo:
+    """An image's metadata and the provenance read back from the file itself (owner only)."""
+    image = await asyncio.to_thread(jobs.get_image, state.db, image_id, account.user_id)
+    job = await asyncio.to_thread(jobs.get_job, state.db, image.job_id, account.user_id)
+    content = await asyncio.to_thread(state.store.read, image.path)
+    base = state.settings.public_base_url or str(request.base_url).rstrip("/")
+    return ImageInfo(
+        id=image.id, job_id=image.job_id, created=int(image.created_at.timestamp()), model=job.model,
+        width=image.width, height=image.height, format=image.format, seed=image.seed,
+        size_bytes=image.size_bytes, url=f"{base.rstrip('/')}/v1/images/{image.id}/content",
+        provenance=provenance.read(content) or {},
+    )
+
+
+@router.get("/images/{image_id}/content", response_class=FileResponse, responses={
+    200: {"content": {m: {} for m in _MEDIA.values()}, "description": "The image file."}, **ERRORS})
+async def get_image_content(image_id: str, state: State, account: CurrentAccount) -> FileResponse:
+    """The stored image file (what `response_format=url` points at; needs the owner's key)."""
+    image = await asyncio.to_thread(jobs.get_image, state.db, image_id, account.user_id)
+    path = state.store.path(image.path)
+    if not path.is_file():
+        raise KilnError("The image file is missing from storage.")
+    return FileResponse(path, media_type=_MEDIA.get(image.format, "application/octet-stream"))

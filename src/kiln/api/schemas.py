@@ -1,0 +1,157 @@
+"""Request and response bodies of the Images API, shaped as OpenAI's; unknown fields are refused."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kiln.service.image_requests import MAX_SEED
+
+
+class _ImageOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=32000)
+    """What to draw."""
+    model: str | None = None
+    """A loaded model's name or an alias (gpt-image-1, dall-e-3, dall-e-2 → the default model)."""
+    n: int | None = Field(1, ge=1, le=10)
+    """Images to generate; your plan's max_n caps it."""
+    size: str | None = "auto"
+    """1024x1024, 1536x1024, 1024x1536, 256x256, 512x512, the model's native square, or auto (native)."""
+    quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = "auto"
+    """Denoising steps as a share of the model's default: low ¼, medium ½, high/auto all of them."""
+    output_format: Literal["png", "jpeg", "webp"] | None = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    """JPEG/WebP quality, 0–100 (ignored for PNG)."""
+    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    user: str | None = Field(None, max_length=256)
+    """An end-user id of yours, stored with the job."""
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    """Kiln's extra: images i of n use seed + i, so a request can be repeated exactly."""
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    """Accepted as OpenAI does; Kiln's models draw opaque images."""
+    moderation: Literal["low", "auto"] | None = None
+    """Accepted as OpenAI does; Kiln's blocklist applies either way."""
+    stream: Literal[False] | None = None
+    """Streaming is not offered on this endpoint yet; false or absent."""
+    partial_images: int | None = Field(None, ge=0, le=3)
+    safety_identifier: str | None = Field(None, max_length=256)
+
+
+class GenerationRequest(_ImageOptions):
+    """POST /v1/images/generations (JSON)."""
+
+    style: Literal["vivid", "natural"] | None = None
+    """DALL·E 3's style, accepted and ignored."""
+
+
+class EditRequest(_ImageOptions):
+    """POST /v1/images/edits (multipart): these fields plus `image` (or `image[]`) and `mask` files."""
+
+    input_fidelity: Literal["high", "low"] | None = None
+    strength: float | None = Field(None, gt=0.0, le=1.0)
+    """Kiln's extra: how far an unmasked edit may move from the input image (default 0.75)."""
+
+
+class ImageData(BaseModel):
+    id: str
+    """Kiln's image id (GET /v1/images/{id})."""
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class TokenDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class TokenUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: TokenDetails
+    output_tokens: int
+    total_tokens: int
+
+
+class ImagesResponse(BaseModel):
+    id: str
+    """Kiln's job id (GET /v1/jobs/{id})."""
+    created: int
+    data: list[ImageData]
+    background: Literal["transparent", "opaque"] = "opaque"
+    output_format: Literal["png", "jpeg", "webp"]
+    quality: Literal["low", "medium", "high"]
+    size: str
+    usage: TokenUsage
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class UsageResponse(BaseModel):
+    object: Literal["usage"] = "usage"
+    plan: str
+    used: int
+    limit: int | None
+    """None: unlimited."""
+    remaining: int | None
+    resets_at: str
+    """Next UTC midnight, ISO 8601."""
+
+
+class ImageInfo(BaseModel):
+    id: str
+    object: Literal["image"] = "image"
+    job_id: str
+    created: int
+    model: str
+    width: int
+    height: int
+    format: str
+    seed: int
+    size_bytes: int
+    url: str
+    provenance: dict
+    """The provenance record read back from the stored file's own metadata."""
+
+
+class JobInfo(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    kind: str
+    model: str
+    n: int
+    size: str
+    created: int
+    finished: int | None
+    image_ids: list[str]
+    charge_state: str
+    error: ErrorDetail | None = None
+    queue_position: int | None = None
+    eta_s: float | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobInfo]
+
+
+class KeyInfoResponse(BaseModel):
+    prefix: str
+    label: str | None
+    created: int
+    revoked: int | None
+
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 500, 503)}

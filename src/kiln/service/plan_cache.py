@@ -1,0 +1,45 @@
+"""Live plan limits with a short cache: `kiln plans set …` reaches every running server within
+`live_settings_poll_s`, without a database read on every request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from kiln.errors import ConfigError
+from kiln.service.plans import PlanLimits, list_plans
+
+
+class PlanCache:
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        ttl_s: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._factory = factory
+        self._ttl_s = ttl_s
+        self._monotonic = monotonic
+        self._plans: dict[str, PlanLimits] = {}
+        self._loaded_at: float | None = None
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> PlanLimits:
+        """The plan's limits, at most `ttl_s` old."""
+        with self._lock:
+            now = self._monotonic()
+            if self._loaded_at is None or now - self._loaded_at >= self._ttl_s or name not in self._plans:
+                self._plans = {p.name: p for p in list_plans(self._factory)}
+                self._loaded_at = now
+            plan = self._plans.get(name)
+        if plan is None:
+            raise ConfigError(f"plan {name!r} does not exist")
+        return plan
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._loaded_at = None
