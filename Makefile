@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.kiln-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test migrate bench clean
+.PHONY: setup serve test migrate bench clean chromium
 
 setup: $(STAMP)
 
@@ -24,7 +24,11 @@ migrate: setup
 serve: migrate
 	$(KILN) serve --host 127.0.0.1 --port 8000
 
-test: setup
+# The web UI's tests drive Debian's Chromium through Playwright (never `playwright install`).
+chromium:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: setup chromium
 	$(PY) -m pytest -q
 
 clean:

@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     """How often a running server re-reads plans from the database."""
     public_base_url: str | None = None
     """Base URL used for `response_format=url`; None derives it from the request."""
+    session_secret: str | None = None
+    """Key that signs web UI session cookies; None generates one and keeps it in `data_dir`."""
+    session_max_age_s: int = Field(14 * 24 * 3600, ge=60)
+    """How long a web UI sign-in lasts."""
+    session_https_only: bool = False
+    """Mark the session cookie Secure (set it when Kiln is served over HTTPS)."""
 
     @field_validator("models")
     @classmethod

@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from kiln.api.state import AppState
 from kiln.errors import AuthenticationFailed
 from kiln.service.accounts import Account, authenticate_key
+from kiln.web.session import session_account
 
 _bearer = HTTPBearer(auto_error=False, description="A Kiln API key, `kiln-…`.")
 
@@ -19,12 +20,16 @@ def app_state(request: Request) -> AppState:
 
 
 def current_account(
+    request: Request,
     state: Annotated[AppState, Depends(app_state)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Account:
     """The key's owner; checked against the database on every request, so a revoked key fails at once.
+    Without a key, the web UI's signed-in user (CSRF-checked for state-changing calls).
     (A sync dependency: FastAPI runs it in its thread pool.)"""
     if credentials is None or not credentials.credentials:
+        if (browser := session_account(request)) is not None:
+            return browser
         raise AuthenticationFailed(
             "You didn't provide an API key. Send it as 'Authorization: Bearer kiln-…'."
         )

@@ -153,3 +153,7 @@ class Image(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="images")
+
+
+# --- web UI tables (chat conversations) live in their own module; imported so the metadata has them.
+from kiln.db import web_models as _web_models  # noqa: E402, F401

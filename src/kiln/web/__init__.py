@@ -1,0 +1,32 @@
+"""The web UI: the chat at `/` and the operator's dashboard at `/admin`, server-rendered pages with
+one small script and one stylesheet, every asset served by Kiln itself (no CDN, works offline).
+
+The app factory calls `install_web(app, state)` once. The API's auth dependency calls
+`kiln.web.session.session_account(request)` when a request has no API key, so the browser uses the
+same /v1 endpoints as every other client.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi.staticfiles import StaticFiles
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from kiln.api.state import AppState
+
+
+def install_web(app: FastAPI, state: AppState) -> None:
+    """Sessions, the pages, their two JSON calls and the static files."""
+    from kiln.web import admin, chat, signin
+    from kiln.web.render import STATIC_DIR
+    from kiln.web.session import install_sessions
+
+    install_sessions(app, state.settings)
+    admin.install_admin_errors(app)
+    app.include_router(signin.router)
+    app.include_router(chat.router)
+    app.include_router(admin.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

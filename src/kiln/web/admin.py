@@ -1,0 +1,170 @@
+"""The operator's dashboard at `/admin`: live charts, plans edited live, users and keys.
+
+Admins only; everyone else gets the same 404 as for a page that does not exist.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from kiln.errors import InvalidRequest, KilnError, NotFound
+from kiln.service import accounts, plans
+from kiln.service.accounts import Account
+from kiln.web import stats
+from kiln.web.render import not_found_page, page
+from kiln.web.session import check_csrf, session_user
+
+router = APIRouter(prefix="/admin", include_in_schema=False)
+
+
+class NotAdmin(Exception):
+    """Raised by the dependency; answered with the plain 404 page."""
+
+
+def admin(request: Request) -> Account:
+    account = session_user(request)
+    if account is None or not account.is_admin:
+        raise NotAdmin()
+    return account
+
+
+def admin_form(request: Request, csrf_token: Annotated[str, Form()] = "") -> Account:
+    """An admin's form post with the session's CSRF token (non-admins get the 404 first)."""
+    account = admin(request)
+    check_csrf(request, csrf_token)
+    return account
+
+
+Admin = Annotated[Account, Depends(admin)]
+AdminForm = Annotated[Account, Depends(admin_form)]
+
+
+def install_admin_errors(app) -> None:  # type: ignore[no-untyped-def]
+    @app.exception_handler(NotAdmin)
+    async def _not_admin(request: Request, _: NotAdmin) -> Response:
+        return not_found_page(request, session_user(request))
+
+
+@router.get("")
+async def dashboard(request: Request, account: Admin) -> Response:
+    return _dashboard(request, account)
+
+
+def _dashboard(request: Request, account: Account, status_code: int = 200, **extra: object) -> Response:
+    db = request.app.state.kiln.db
+    flash = request.session.pop("flash", None)
+    return page(
+        request, "admin.html", status_code=status_code, account=account, plans=plans.list_plans(db),
+        users=accounts.list_users(db), keys=accounts.list_keys(db)[::-1], flash=flash, **extra,
+    )
+
+
+@router.get("/api/stats")
+async def stats_json(request: Request, _: Admin) -> dict:
+    snapshot = await run_in_threadpool(stats.snapshot, request.app)
+    snapshot["plans"] = [p.name for p in plans.list_plans(request.app.state.kiln.db)]
+    return snapshot
+
+
+def _optional_int(value: str, field: str) -> int | None:
+    value = value.strip()
+    if value in ("", "unlimited", "∞"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidRequest(f"{field} must be a whole number, or empty for unlimited", param=field) from None
+
+
+@router.post("/plans/{name}")
+async def update_plan(
+    request: Request,
+    _: AdminForm,
+    name: str,
+    images_per_day: Annotated[str, Form()] = "",
+    priority_weight: Annotated[int, Form()] = 1,
+    max_concurrent: Annotated[int, Form()] = 1,
+    max_n: Annotated[int, Form()] = 1,
+    wait_target_s: Annotated[float, Form()] = 120.0,
+    relax_mode: Annotated[bool, Form()] = False,
+) -> Response:
+    wants_json = "application/json" in request.headers.get("accept", "")
+    try:
+        limits = plans.update_plan(
+            request.app.state.kiln.db, name, images_per_day=_optional_int(images_per_day, "images_per_day"),
+            priority_weight=priority_weight, max_concurrent=max_concurrent, max_n=max_n,
+            wait_target_s=wait_target_s, relax_mode=relax_mode,
+        )
+    except (KilnError, ValueError) as exc:
+        message = getattr(exc, "message", None) or _first_error(exc)
+        if wants_json:
+            return JSONResponse({"error": {"message": message}}, status_code=400)
+        return _flash(request, f"Plan {name}: {message}")
+    if wants_json:
+        return JSONResponse({"plan": limits.__dict__, "message": f"Saved {name}."})
+    return _flash(request, f"Saved plan {name}.")
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    return str(exc)
+
+
+def _flash(request: Request, message: str, anchor: str = "") -> Response:
+    request.session["flash"] = message
+    return RedirectResponse(f"/admin{anchor}", status_code=303)
+
+
+@router.post("/users")
+async def create_user(
+    request: Request,
+    _: AdminForm,
+    name: Annotated[str, Form()],
+    plan: Annotated[str, Form()],
+    password: Annotated[str, Form()] = "",
+    is_admin: Annotated[bool, Form()] = False,
+) -> Response:
+    try:
+        await run_in_threadpool(
+            accounts.create_user, request.app.state.kiln.db, name.strip(), plan, is_admin=is_admin,
+            password=password or None,
+        )
+    except KilnError as exc:
+        return _flash(request, exc.message, "#users")
+    return _flash(request, f"Created user {name.strip()} on plan {plan}.", "#users")
+
+
+@router.post("/users/{name}/plan")
+async def set_user_plan(request: Request, _: AdminForm, name: str, plan: Annotated[str, Form()]) -> Response:
+    try:
+        accounts.set_plan(request.app.state.kiln.db, name, plan)
+    except KilnError as exc:
+        return _flash(request, exc.message, "#users")
+    return _flash(request, f"{name} is now on plan {plan}.", "#users")
+
+
+@router.post("/keys")
+async def create_key(
+    request: Request, account: AdminForm, user: Annotated[str, Form()], label: Annotated[str, Form()] = ""
+) -> Response:
+    try:
+        key, _ = accounts.create_key(request.app.state.kiln.db, user, label.strip() or None)
+    except NotFound as exc:
+        return _flash(request, exc.message, "#keys")
+    return _dashboard(request, account, new_key=key, new_key_user=user)  # shown once, never stored
+
+
+@router.post("/keys/{prefix}/revoke")
+async def revoke_key(request: Request, _: AdminForm, prefix: str) -> Response:
+    try:
+        info = accounts.revoke_key(request.app.state.kiln.db, prefix)
+    except KilnError as exc:
+        return _flash(request, exc.message, "#keys")
+    return _flash(request, f"Revoked {info.user_name}'s key {info.prefix}….", "#keys")

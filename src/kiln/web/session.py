@@ -1,0 +1,103 @@
+"""Browser sign-in: a signed, HttpOnly, SameSite session cookie and a synchroniser CSRF token.
+
+The session holds only the user's id and the CSRF token. Every state-changing call that a cookie
+authenticates must carry the token (form field `csrf_token` or header `X-CSRF-Token`); API keys
+need none, since a browser never attaches them by itself.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from starlette.middleware.sessions import SessionMiddleware
+
+from kiln.config import Settings
+from kiln.errors import KilnError
+from kiln.service.accounts import Account, get_user_by_id
+
+SESSION_COOKIE = "kiln_session"
+CSRF_HEADER = "x-csrf-token"
+CSRF_FIELD = "csrf_token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class CsrfRejected(KilnError):
+    """A cookie-authenticated, state-changing request without the session's CSRF token."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "csrf_token_invalid"
+
+
+def session_secret(settings: Settings) -> str:
+    """The configured secret, else one generated once and kept (mode 0600) in the data directory."""
+    if settings.session_secret:
+        return settings.session_secret
+    path = Path(settings.data_dir) / "session_secret"
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    try:  # O_EXCL: when several processes start at once, the first one's secret wins
+        with path.open("x") as handle:
+            handle.write(secret)
+        path.chmod(0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    return secret
+
+
+def install_sessions(app: FastAPI, settings: Settings) -> None:
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=session_secret(settings),
+        session_cookie=SESSION_COOKIE,
+        max_age=settings.session_max_age_s,
+        same_site="lax",
+        https_only=settings.session_https_only,
+    )
+
+
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token, made on first use (so the sign-in form has one too)."""
+    token = request.session.get("csrf")
+    if not token:
+        token = request.session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+def check_csrf(request: Request, submitted: str | None) -> None:
+    expected = request.session.get("csrf") if "session" in request.scope else None
+    if not expected or not submitted or not secrets.compare_digest(expected, submitted):
+        raise CsrfRejected("Missing or wrong CSRF token; reload the page and try again.")
+
+
+def sign_in(request: Request, account: Account) -> None:
+    request.session.clear()  # a fresh session and token: no fixation across the sign-in
+    request.session["uid"] = account.user_id
+    csrf_token(request)
+
+
+def sign_out(request: Request) -> None:
+    request.session.clear()
+
+
+def session_user(request: Request) -> Account | None:
+    """The signed-in user, without a CSRF check: for safe methods, or after `check_csrf`."""
+    if "session" not in request.scope:
+        return None
+    user_id = request.session.get("uid")
+    return get_user_by_id(request.app.state.kiln.db, user_id) if user_id else None
+
+
+def session_account(request: Request) -> Account | None:
+    """The signed-in browser user, or None. The API's auth dependency calls this when a request
+    carries no API key; for unsafe methods it raises CsrfRejected (403) unless the
+    `X-CSRF-Token` header matches the session's token."""
+    if "session" not in request.scope or not request.session.get("uid"):
+        return None
+    if request.method not in SAFE_METHODS:
+        check_csrf(request, request.headers.get(CSRF_HEADER))
+    return session_user(request)

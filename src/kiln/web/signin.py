@@ -1,0 +1,46 @@
+"""Sign-in and sign-out pages: a name, a password, and a fresh session on success."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from kiln.service.accounts import verify_password
+from kiln.web.render import page
+from kiln.web.session import check_csrf, session_account, sign_in, sign_out
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/login")
+async def login_form(request: Request) -> Response:
+    if session_account(request) is not None:
+        return RedirectResponse("/", status_code=303)
+    return page(request, "login.html")
+
+
+@router.post("/login")
+async def login(
+    request: Request,
+    username: Annotated[str, Form()] = "",
+    password: Annotated[str, Form()] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    check_csrf(request, csrf_token)
+    db = request.app.state.kiln.db
+    account = await run_in_threadpool(verify_password, db, username.strip(), password)  # argon2: slow
+    if account is None:
+        return page(request, "login.html", status_code=401, error="Wrong name or password.",
+                    username=username)
+    sign_in(request, account)
+    return RedirectResponse("/", status_code=303)
+
+
+@router.post("/logout")
+async def logout(request: Request, csrf_token: Annotated[str, Form()] = "") -> Response:
+    check_csrf(request, csrf_token)
+    sign_out(request)
+    return RedirectResponse("/login", status_code=303)
