@@ -36,3 +36,101 @@ def test_a_sentence_becomes_an_image_with_its_progress_first(open_page: Any, peo
     page.reload()
     expect(page.locator("#thread .msg img.image")).to_be_visible()
     assert page.js_errors == []
+
+
+def test_a_follow_up_edits_the_last_image_and_again_uses_another_seed(open_page: Any, people: Any, web: Any) -> None:
+    page = open_page(people("bea", plan="plus"))
+    first = send(page, "a red circle on a blue background")
+    expect(first.locator("img.image")).to_be_visible()
+    first_id = first.locator("img.image").get_attribute("data-image-id")
+
+    edit = send(page, "make the circle green")
+    expect(edit.locator(".kind-tag")).to_be_visible()
+    expect(edit.locator("img.image")).to_be_visible()
+    assert edit.get_attribute("data-source-image") == first_id
+
+    again = page.locator("#thread .msg").nth(0).locator("button.again")
+    again.click()
+    third = page.locator("#thread .msg").nth(2)
+    expect(third.locator(".text")).to_have_text("a red circle on a blue background")
+    expect(third.locator("img.image")).to_be_visible()
+
+    from kiln.db.models import Job
+
+    with web.state.db() as session:
+        jobs = {j.id: j for j in session.query(Job).all()}
+    ids = [page.locator("#thread .msg").nth(i).get_attribute("data-job-id") for i in range(3)]
+    generate, edited, repeated = (jobs[i] for i in ids)
+    assert edited.kind == "edit" and edited.params.get("inputs", {}).get("image")
+    assert repeated.kind == "generate" and repeated.prompt == generate.prompt
+    assert repeated.seed != generate.seed
+
+    page.reload()  # the thread, kinds included, comes back from the database
+    expect(page.locator("#thread .msg")).to_have_count(3)
+    expect(page.locator("#thread .msg").nth(1).locator(".kind-tag")).to_be_visible()
+
+
+def test_the_fourth_free_image_is_refused_with_the_time_to_come_back(open_page: Any, people: Any) -> None:
+    page = open_page(people("cal"))
+    for i in range(3):
+        message = send(page, f"picture number {i + 1}") if i == 0 else None
+        if message is None:
+            page.click("a.new-chat")
+            page.wait_for_selector(".hello")
+            message = send(page, f"picture number {i + 1}")
+        expect(message.locator("img.image")).to_be_visible()
+    expect(page.locator("#usage .meter-text")).to_have_text(re.compile(r"No images left today · resets in"))
+    page.click("a.new-chat")
+    page.wait_for_selector(".hello")
+    page.fill("#prompt", "one picture too many")
+    page.press("#prompt", "Enter")
+    notice = page.locator("#notice")
+    expect(notice).to_have_text(re.compile(r"You have used all 3 images for today\. Come back in \d+ (h|min|s)"))
+    expect(page.locator("#thread .msg")).to_have_count(0)
+    expect(page.locator("#prompt")).to_have_value("one picture too many")  # nothing typed is lost
+
+
+def test_another_user_gets_404_for_a_conversation_or_image_by_url(open_page: Any, people: Any) -> None:
+    ann = open_page(people("dan"))
+    message = send(ann, "a private picture")
+    expect(message.locator("img.image")).to_be_visible()
+    conversation_url = ann.url
+    image_url = message.locator("a.download").get_attribute("href")
+    assert ann.request.get(image_url).status == 200
+
+    eve = open_page(people("eve"))
+    assert eve.goto(conversation_url).status == 404
+    expect(eve.locator("h1")).to_have_text("Not found")
+    assert eve.request.get(image_url).status == 404
+    assert eve.request.get(image_url.removesuffix("/content")).status == 404
+    expect(eve.locator(".conversations a")).to_have_count(0)
+
+
+def test_a_post_without_the_csrf_token_is_refused(open_page: Any, people: Any, web: Any) -> None:
+    page = open_page(people("fay"))
+    conversation = page.request.post("/web/api/conversations", data={"title": "x"})
+    assert conversation.status == 403
+    assert conversation.json()["error"]["code"] == "csrf_token_invalid"
+    job = page.request.post("/v1/jobs", data={"prompt": "no token"})
+    assert job.status == 403
+    keys = page.request.post("/keys", form={"label": "stolen"})
+    assert keys.status == 403
+    signout = page.request.post("/logout", form={})
+    assert signout.status == 403
+    # with the page's token, the same call goes through
+    token = page.locator("meta[name=csrf-token]").get_attribute("content")
+    ok = page.request.post("/web/api/conversations", data={"title": "x"}, headers={"X-CSRF-Token": token})
+    assert ok.status == 201
+
+
+def test_the_chat_fits_a_375_px_phone_without_horizontal_scroll(open_page: Any, people: Any) -> None:
+    page = open_page(people("gus", admin=True), width=375, height=740)
+    message = send(page, "a very long sentence " * 12 + "withaverylongwordthatdoesnotbreakanywhereatall" * 3)
+    expect(message.locator("img.image")).to_be_visible()
+    for path in (page.url, "/keys", "/admin"):
+        page.goto(path)
+        page.wait_for_load_state("load")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 375, path
+    page.goto("/")
+    page.click(".sidebar-toggle")
+    expect(page.locator("#sidebar .new-chat")).to_be_in_viewport()

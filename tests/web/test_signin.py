@@ -1,0 +1,58 @@
+"""Sign-in, the session cookie, sign-out, and API keys made and revoked from the page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+from conftest import sign_in
+from playwright.sync_api import expect
+
+from kiln.web.session import SESSION_COOKIE, session_secret
+
+
+def test_sign_in_sets_an_httponly_samesite_cookie_and_sign_out_ends_it(open_page: Any, people: Any) -> None:
+    ann = people("ann")
+    page = open_page()
+    assert page.goto("/").url.endswith("/login")
+    page.fill("input[name=username]", "ann")
+    page.fill("input[name=password]", "wrong password")
+    page.click("button[type=submit]")
+    expect(page.locator(".alert")).to_have_text("Wrong name or password.")
+
+    sign_in(page, ann)
+    cookie = next(c for c in page.context.cookies() if c["name"] == SESSION_COOKIE)
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
+    assert page.evaluate("document.cookie") == ""  # scripts cannot read it
+
+    page.click("text=Sign out")
+    page.wait_for_url("**/login")
+    assert page.goto("/").url.endswith("/login")
+    assert page.request.get("/v1/usage").status == 401
+
+
+def test_api_keys_are_shown_once_and_revoked_from_the_page(open_page: Any, people: Any, web: Any) -> None:
+    page = open_page(people("kim"))
+    page.click("text=API keys")
+    page.fill("input[name=label]", "laptop")
+    page.click("text=Create key")
+    key = page.locator("#new-key").inner_text().strip()
+    assert key.startswith("kiln-")
+    with httpx.Client(base_url=web.base_url, headers={"Authorization": f"Bearer {key}"}) as client:
+        assert client.get("/v1/usage").status_code == 200
+        page.goto("/keys")
+        expect(page.locator("#new-key")).to_have_count(0)  # never shown again
+        assert key not in page.content()
+        page.click("text=Revoke")
+        expect(page.locator(".flash")).to_contain_text("revoked")
+        expect(page.locator("tr.revoked")).to_have_count(1)
+        assert client.get("/v1/usage").status_code == 401
+
+
+def test_the_session_secret_is_generated_once_and_kept(tmp_path: Path, settings: Any) -> None:
+    first = session_secret(settings.model_copy(update={"data_dir": tmp_path / "data"}))
+    again = session_secret(settings.model_copy(update={"data_dir": tmp_path / "data"}))
+    assert first == again and len(first) >= 40
+    assert (tmp_path / "data" / "session_secret").stat().st_mode & 0o077 == 0
+    assert session_secret(settings.model_copy(update={"session_secret": "configured"})) == "configured"
