@@ -1,0 +1,100 @@
+"""The executor interface: submit a batch, receive outputs, cancel. One batch per worker at a time.
+
+The engine calls `submit`/`cancel` and drains `poll()` once per step; an executor must never block
+in those. Outputs for one batch arrive in order: BatchStarted, BatchProgress*, then exactly one of
+BatchCompleted · BatchFailed · BatchCancelled · WorkerLost.
+
+A Ray executor fits the same shape (not built yet): one actor per GPU holding a loaded registry,
+`submit` calls `actor.run.remote(batch)` on an idle actor and keeps the ObjectRef; progress comes
+back through a `ray.util.queue.Queue` (or an actor method the worker calls), cancel is an actor
+method that sets the flag `should_cancel` reads between steps, and `poll` uses `ray.wait(refs,
+timeout=0)`: a finished ref is BatchCompleted/BatchFailed, a `RayActorError` is WorkerLost (Ray
+restarts the actor with `max_restarts`). `ray` is imported only inside that module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kiln.worker.requests import BatchSpec, GenerationRequest
+
+
+@dataclass(frozen=True)
+class ExecBatch:
+    """One pipeline call: what the requests share, and the requests (request_id is the engine's)."""
+
+    batch_id: str
+    spec: BatchSpec
+    requests: tuple[GenerationRequest, ...]
+    preview_every: int = 0
+
+
+@dataclass(frozen=True)
+class ExecutorOutput:
+    batch_id: str
+
+
+@dataclass(frozen=True)
+class BatchStarted(ExecutorOutput):
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class BatchProgress(ExecutorOutput):
+    step: int
+    total: int
+    previews: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchCompleted(ExecutorOutput):
+    images: dict[str, tuple[bytes, ...]]
+    """PNG bytes per request id."""
+    duration_s: float
+    """Wall time of the pipeline call on the worker (what throughput is measured from)."""
+
+
+@dataclass(frozen=True)
+class BatchFailed(ExecutorOutput):
+    code: str
+    """out_of_memory · generation_failed"""
+    message: str
+
+
+@dataclass(frozen=True)
+class BatchCancelled(ExecutorOutput):
+    """The worker stopped between steps because `cancel` asked it to."""
+
+
+@dataclass(frozen=True)
+class WorkerLost(ExecutorOutput):
+    worker_id: str
+    exitcode: int | None
+
+
+class Executor(Protocol):
+    """What the engine needs from a pool of workers (local processes today, Ray actors later)."""
+
+    def free_slots(self) -> int:
+        """Batches that could start now (idle live workers)."""
+        ...
+
+    def total_slots(self) -> int:
+        """Workers configured, idle or not (throughput is per worker times this)."""
+        ...
+
+    def submit(self, batch: ExecBatch) -> None: ...
+
+    def cancel(self, batch_id: str) -> None:
+        """Ask the batch to stop at the next step boundary; it then reports BatchCancelled."""
+        ...
+
+    def poll(self) -> list[ExecutorOutput]:
+        """Everything that happened since the last call; never blocks."""
+        ...
+
+    def set_notify(self, notify: Callable[[], None] | None) -> None:
+        """Called (from any thread) when new outputs are ready, so a driver can wake up."""
+        ...

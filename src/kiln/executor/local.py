@@ -1,0 +1,268 @@
+"""LocalExecutor: N worker processes on this machine (spawned, one batch each), results over pipes.
+
+A reader thread turns pipe messages and process deaths into outputs; a worker that dies (kill -9,
+a segfaulting kernel) is reported as WorkerLost for its batch and replaced at once. Deciding what
+to re-run is the engine's job, not this module's.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from kiln.executor.base import (
+    BatchCancelled,
+    BatchCompleted,
+    BatchFailed,
+    BatchProgress,
+    BatchStarted,
+    ExecBatch,
+    ExecutorOutput,
+    WorkerLost,
+)
+from kiln.executor.worker_main import worker_main
+from kiln.worker.registry import ModelInfo, ModelRegistry
+
+
+@dataclass
+class _Worker:
+    worker_id: str
+    process: Any
+    inbox: Connection  # parent → child
+    outbox: Connection  # child → parent
+    batch_id: str | None = None
+    ready: bool = False
+
+
+class LocalExecutor:
+    """Worker processes sharing nothing but pipes with this one. Thread-safe; never blocks in poll."""
+
+    def __init__(
+        self,
+        models: dict[str, ModelInfo],
+        aliases: dict[str, str],
+        default: str,
+        *,
+        workers: int = 1,
+        torch_threads: int = 1,
+    ) -> None:
+        self._models = models
+        self._aliases = aliases
+        self._default = default
+        self._size = workers
+        self._torch_threads = torch_threads
+        self._ctx = multiprocessing.get_context("spawn")
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._outputs: list[ExecutorOutput] = []
+        self._workers: list[_Worker] = []
+        self._generation = 0
+        self._notify: Callable[[], None] | None = None
+        self._stopping = False
+        self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
+        self._reader: threading.Thread | None = None
+        self.restarts = 0
+
+    @classmethod
+    def from_registry(cls, registry: ModelRegistry, *, workers: int = 1, torch_threads: int = 1) -> LocalExecutor:
+        models = {name: registry.info(name) for name in registry.names}
+        return cls(models, registry.aliases, registry.default, workers=workers, torch_threads=torch_threads)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> LocalExecutor:
+        registry = ModelRegistry.from_settings(settings)
+        return cls.from_registry(registry, workers=settings.workers, torch_threads=settings.torch_threads)
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        with self._lock:
+            self._workers = [self._spawn(i) for i in range(self._size)]
+        self._reader = threading.Thread(target=self._read_loop, name="kiln-executor-reader", daemon=True)
+        self._reader.start()
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        with self._lock:
+            self._stopping = True
+            workers = list(self._workers)
+        for worker in workers:
+            try:
+                worker.inbox.send(("stop",))
+            except OSError:
+                pass
+        for worker in workers:
+            worker.process.join(timeout_s)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(timeout_s)
+        self._wake()
+        if self._reader is not None:
+            self._reader.join(timeout_s)
+
+    def _spawn(self, slot: int) -> _Worker:
+        self._generation += 1
+        worker_id = f"local-{slot}.{self._generation}"
+        child_in, parent_in = self._ctx.Pipe(duplex=False)
+        parent_out, child_out = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(
+            target=worker_main,
+            args=(worker_id, child_in, child_out, self._models, self._aliases, self._default, self._torch_threads),
+            name=f"kiln-worker-{worker_id}",
+            daemon=True,
+        )
+        process.start()
+        child_in.close()
+        child_out.close()
+        return _Worker(worker_id, process, parent_in, parent_out)
+
+    # ---- the Executor interface
+
+    def total_slots(self) -> int:
+        return self._size
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return sum(1 for w in self._workers if w.batch_id is None)
+
+    def submit(self, batch: ExecBatch) -> None:
+        with self._lock:
+            worker = next((w for w in self._workers if w.batch_id is None), None)
+            if worker is None:
+                raise RuntimeError("no idle worker: check free_slots() before submit()")
+            worker.batch_id = batch.batch_id
+            try:
+                worker.inbox.send(("run", batch))
+            except OSError:
+                pass  # the worker is dead; the reader sees its sentinel and reports the batch lost
+
+    def cancel(self, batch_id: str) -> None:
+        with self._lock:
+            for worker in self._workers:
+                if worker.batch_id == batch_id:
+                    try:
+                        worker.inbox.send(("cancel", batch_id))
+                    except OSError:
+                        pass
+
+    def poll(self) -> list[ExecutorOutput]:
+        with self._lock:
+            outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def wait_outputs(self, timeout_s: float) -> list[ExecutorOutput]:
+        """Block until there is at least one output (or the timeout), then drain them."""
+        with self._changed:
+            self._changed.wait_for(lambda: bool(self._outputs), timeout_s)
+            outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def set_notify(self, notify: Callable[[], None] | None) -> None:
+        self._notify = notify
+
+    # ---- for tests and operators
+
+    def worker_pid(self, batch_id: str) -> int | None:
+        with self._lock:
+            for worker in self._workers:
+                if worker.batch_id == batch_id:
+                    return worker.process.pid
+        return None
+
+    def worker_pids(self) -> list[int]:
+        with self._lock:
+            return [w.process.pid for w in self._workers]
+
+    # ---- the reader thread
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"")
+        except OSError:
+            pass
+
+    def _read_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                workers = list(self._workers)
+            by_handle: dict[Any, tuple[_Worker, str]] = {}
+            for worker in workers:
+                by_handle[worker.outbox] = (worker, "pipe")
+                by_handle[worker.process.sentinel] = (worker, "exit")
+            ready = wait([*by_handle, self._wake_r], timeout=1.0)
+            for handle in ready:
+                if handle is self._wake_r:
+                    self._drain_wake()
+                    continue
+                worker, what = by_handle[handle]
+                if what == "pipe":
+                    self._read_pipe(worker)
+                else:
+                    self._on_exit(worker)
+
+    def _drain_wake(self) -> None:
+        while self._wake_r.poll():
+            self._wake_r.recv()
+
+    def _read_pipe(self, worker: _Worker) -> None:
+        try:
+            while worker.outbox.poll():
+                self._on_message(worker, worker.outbox.recv())
+        except (EOFError, OSError):
+            pass  # dead: the sentinel reports it
+
+    def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "ready":
+            worker.ready = True
+            return
+        batch_id = message[1]
+        output: ExecutorOutput
+        if kind == "started":
+            output = BatchStarted(batch_id, worker.worker_id)
+        elif kind == "progress":
+            output = BatchProgress(batch_id, message[2], message[3], dict(message[4]))
+        elif kind == "completed":
+            output = BatchCompleted(batch_id, message[2], message[3])
+        elif kind == "failed":
+            output = BatchFailed(batch_id, message[2], message[3])
+        elif kind == "cancelled":
+            output = BatchCancelled(batch_id)
+        else:
+            return
+        with self._lock:
+            if kind in ("completed", "failed", "cancelled") and worker.batch_id == batch_id:
+                worker.batch_id = None  # free before the engine sees the output
+            self._outputs.append(output)
+            self._changed.notify_all()
+        self._notify_driver()
+
+    def _on_exit(self, worker: _Worker) -> None:
+        self._read_pipe(worker)  # whatever it sent before dying still counts
+        worker.process.join(0.1)
+        with self._lock:
+            if worker not in self._workers:
+                return
+            lost = worker.batch_id
+            slot = self._workers.index(worker)
+            if not self._stopping:
+                self._workers[slot] = self._spawn(slot)
+                self.restarts += 1
+            if lost is not None:
+                self._outputs.append(WorkerLost(lost, worker.worker_id, worker.process.exitcode))
+                self._changed.notify_all()
+        for conn in (worker.inbox, worker.outbox):
+            conn.close()
+        if lost is not None:
+            self._notify_driver()
+
+    def _notify_driver(self) -> None:
+        notify = self._notify
+        if notify is not None:
+            notify()
+
