@@ -138,3 +138,21 @@ def test_openapi_schema_describes_the_images_api(server) -> None:
     assert {"image", "mask", "prompt", "n", "size"} <= set(edit_body["properties"])
     generation = schema["components"]["schemas"]["GenerationRequest"]
     assert generation.get("additionalProperties") is False
+
+
+def test_every_other_error_class_through_the_sdk(server, start_server, settings, make_user) -> None:
+    from image_fakes import png
+
+    ann = make_user()
+    client = server.openai(ann.key)
+    client.images.generate(prompt="a cat", extra_headers={"Idempotency-Key": "same"})
+    with pytest.raises(openai.UnprocessableEntityError) as reused:
+        client.images.generate(prompt="a dog", extra_headers={"Idempotency-Key": "same"})
+    assert reused.value.code == "idempotency_key_reused"
+    with pytest.raises(openai.InternalServerError) as failed:
+        client.images.generate(prompt="a cat [[oom]]")
+    assert failed.value.code == "generation_failed"
+    small = start_server(settings.model_copy(update={"max_upload_bytes": 4096}))
+    with pytest.raises(openai.APIStatusError) as too_large:  # a 16 kB body where 4 kB are accepted
+        small.openai(ann.key).images.edit(image=("a.png", png() + b"\0" * 16384, "image/png"), prompt="x")
+    assert too_large.value.status_code == 413 and too_large.value.code == "payload_too_large"

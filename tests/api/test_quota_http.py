@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -76,6 +77,7 @@ class HeldRunner:
     def __init__(self, state) -> None:  # type: ignore[no-untyped-def]
         self.inner = InlineJobRunner(state.db, state.registry, state.store)
         self.held: list[str] = []
+        self.waiting = threading.Event()
 
     async def start(self) -> None:
         await self.inner.start()
@@ -87,6 +89,7 @@ class HeldRunner:
         self.held.append(job_id)
 
     async def wait(self, job_id: str, timeout_s: float):  # type: ignore[no-untyped-def]
+        self.waiting.set()
         return await self.inner.wait(job_id, timeout_s)
 
     async def cancel(self, job_id: str) -> None:
@@ -151,3 +154,20 @@ def test_twenty_concurrent_requests_with_one_idempotency_key(server, make_user) 
         assert len(http.get("/v1/jobs").json()["data"]) == 1
         other = http.post("/v1/images/generations", json={"prompt": "a dog"}, headers=headers)
     assert other.status_code == 422 and other.json()["error"]["param"] == "Idempotency-Key"
+
+
+def test_same_key_while_the_first_is_running_waits_for_the_same_job(start_server, settings, clock,
+                                                                     make_user) -> None:
+    server = start_server(settings, clock=clock, runner_factory=HeldRunner)
+    ann = make_user()
+    body, headers = {"prompt": "a cat", "seed": 4}, {"Idempotency-Key": "k-1"}
+    with server.client(ann.key) as http:
+        first = http.post("/v1/jobs", json=body, headers=headers).json()
+        with ThreadPoolExecutor(1) as pool:
+            second = pool.submit(http.post, "/v1/images/generations", json=body, headers=headers)
+            assert server.state.runner.waiting.wait(10)  # the retry is waiting on the held job
+            assert not second.done()
+            server.call(server.state.runner.release())
+            answer = second.result(30)
+        assert answer.status_code == 200 and answer.json()["id"] == first["id"]
+        assert http.get("/v1/usage").json()["used"] == 1
