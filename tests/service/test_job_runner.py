@@ -59,3 +59,15 @@ async def test_cancel_while_queued_never_runs(db, settings, make_user, clock) ->
         await runner.stop()
     assert outcome.status == "cancelled" and outcome.image_ids == ()
     assert jobs.usage_of(db, ann.user_id, get_plan(db, "free"), clock.now()).used == 0
+
+
+async def test_stopping_refunds_jobs_that_never_started(db, settings, make_user, clock) -> None:
+    ann = make_user("ann")
+    store = ImageStore(settings.images_dir)
+    runner = InlineJobRunner(db, ModelRegistry.from_settings(settings), store, concurrency=0)
+    await runner.start()
+    job_id = admit(db, store, clock, "a bird")
+    await runner.submit(job_id)
+    await runner.stop()
+    assert jobs.get_job(db, job_id).status == "cancelled"
+    assert jobs.usage_of(db, ann.user_id, get_plan(db, "free"), clock.now()).used == 0

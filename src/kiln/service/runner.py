@@ -114,6 +114,13 @@ class InlineJobRunner:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        # Jobs this process admitted but never started would keep their charge reserved: refund them.
+        while self._queue is not None and not self._queue.empty():
+            job_id = self._queue.get_nowait()
+            await asyncio.to_thread(jobs.cancel_job, self._db, job_id, None)
+            event = self._done.pop(job_id, None)
+            if event is not None:
+                event.set()
 
     async def submit(self, job_id: str) -> None:
         if self._queue is None:
