@@ -41,7 +41,7 @@ class EngineConfig:
     max_attempts: int = 10
     """Starts after which a request is failed whatever the reason (guards restarts that crash)."""
     position_interval_s: float = 1.0
-    """Least time between two rounds of Position events when nothing left the queue."""
+    """Least time between two rounds of Position events (a requeue sends them at once)."""
     finished_memory: int = 10_000
     """Finished job ids remembered so a re-submitted one is ignored (add_request is idempotent)."""
 

@@ -10,7 +10,6 @@ import itertools
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from kiln.engine.admission import AdmissionPolicy, QueueStats, Throughput
 from kiln.engine.config import EngineConfig
@@ -30,49 +29,18 @@ from kiln.engine.types import (
     Started,
 )
 from kiln.engine.work import WorkItem
+from kiln.engine.batches import RunningBatch, SchedulerOutput
 from kiln.executor.base import (
     BatchCancelled,
     BatchCompleted,
     BatchFailed,
     BatchProgress,
-    ExecBatch,
     Executor,
     ExecutorOutput,
     WorkerLost,
 )
-from kiln.worker.requests import BatchSpec, GenerationRequest
 
 RELAX_WEIGHT = 0.0
-
-
-@dataclass(eq=False)
-class RunningBatch:
-    batch_id: str
-    items: list[WorkItem]
-    started_at: float
-    best_weight: float
-    step: int = 0
-    total: int = 1
-    preempting: bool = False
-    cancelling: bool = False
-
-    @property
-    def images(self) -> int:
-        return sum(item.images for item in self.items)
-
-    @property
-    def units(self) -> float:
-        return sum(item.units for item in self.items)
-
-    @property
-    def progress(self) -> float:
-        return self.step / max(self.total, 1)
-
-
-@dataclass
-class SchedulerOutput:
-    batches: list[RunningBatch] = field(default_factory=list)
-    preempt: list[RunningBatch] = field(default_factory=list)
 
 
 class EngineCore:
@@ -108,6 +76,7 @@ class EngineCore:
         self._order_cache: list[WorkItem] | None = None
         self._positions_at = float("-inf")
         self._positions_due = False
+        self._positions_forced = False
         self._priority_plan: str | None = None
         self.next_wake_at: float | None = None
         """Clock time at which a held partial batch is due; the driver steps again by then."""
@@ -382,7 +351,7 @@ class EngineCore:
 
     def _execute(self, scheduled: SchedulerOutput) -> None:
         for batch in scheduled.batches:
-            self.executor.submit(self._exec_batch(batch))
+            self.executor.submit(batch.to_exec())
             if self.metrics:
                 self.metrics.batch_started(batch.images)
         for batch in scheduled.preempt:
@@ -390,25 +359,6 @@ class EngineCore:
             for item in batch.items:
                 item.preempted = True
             self.executor.cancel(batch.batch_id)
-
-    def _exec_batch(self, batch: RunningBatch) -> ExecBatch:
-        key = batch.items[0].key
-        spec = BatchSpec(key.model, key.width, key.height, key.steps, key.guidance_scale, key.task)
-        requests = tuple(
-            GenerationRequest(
-                request_id=item.work_id,
-                prompt=item.leader.prompt,
-                seed=item.leader.seed,
-                n=item.leader.n,
-                negative_prompt=item.leader.negative_prompt,
-                init_image=item.leader.init_image,
-                mask_image=item.leader.mask_image,
-                strength=item.leader.strength,
-            )
-            for item in batch.items
-        )
-        previews = [m.preview_every for i in batch.items for m in i.members if m.preview_every > 0]
-        return ExecBatch(batch.batch_id, spec, requests, min(previews, default=0))
 
     # ---- update
 
@@ -498,7 +448,7 @@ class EngineCore:
         for member in item.members:
             self._emit(Requeued(member.job_id, reason))
         self._enqueue(item, front=True)
-        self._positions_due = True
+        self._positions_forced = True
         (self.relax_queue if item.relax else self.queue).refund(item)
 
     def _fail(self, item: WorkItem, code: str, message: str) -> None:
@@ -519,11 +469,13 @@ class EngineCore:
         (self.relax_queue if item.relax else self.queue).push(item, front=front)
         self.stats.add(item.plan, item.user, item.units, item.relax)
         self._order_cache = None
+        self._positions_due = True
 
     def _dequeue(self, item: WorkItem) -> None:
         if (self.relax_queue if item.relax else self.queue).remove(item):
             self.stats.remove(item.plan, item.user, item.units, item.relax)
             self._order_cache = None
+            self._positions_due = True
 
     def _shareable(self, request: EngineRequest) -> WorkItem | None:
         """A live item drawing exactly these images that this request may join without waiting longer."""
@@ -610,9 +562,11 @@ class EngineCore:
     def _emit_positions(self) -> None:
         """Position events for jobs whose place changed, when work left the queue or every interval."""
         now = self.clock()
-        if not self._positions_due and now - self._positions_at < self.config.position_interval_s:
+        if not (self._positions_due or self._positions_forced):
             return
-        self._positions_due = False
+        if not self._positions_forced and now - self._positions_at < self.config.position_interval_s:
+            return  # a busy queue moves every dispatch; tell people about it once an interval
+        self._positions_due = self._positions_forced = False
         self._positions_at = now
         ahead = self._running_units()
         rate = self.admission.rate_units_per_s(self._workers())
@@ -626,7 +580,8 @@ class EngineCore:
             self.metrics.queue_depths(self._depths())
 
     def _depths(self) -> dict[str, int]:
-        depths: dict[str, int] = defaultdict(int)
+        depths: dict[str, int] = dict.fromkeys(self.queue.weights, 0)
+        depths["relax"] = 0
         for item in self.queue:
             depths[item.plan] += len(item.members)
         for item in self.relax_queue:

@@ -90,6 +90,9 @@ class LocalExecutor:
             self._stopping = True
             workers = list(self._workers)
         for worker in workers:
+            if not worker.ready:  # still importing: nothing to finish, no reason to wait
+                worker.process.kill()
+                continue
             try:
                 worker.inbox.send(("stop",))
             except OSError:
