@@ -1,43 +1,79 @@
-"""Screenshots for the README: the chat on a desktop and on a phone, and the dashboard.
+"""Screenshots for the README: the chat on a desktop and on a phone, and the dashboard under load.
 
 Written to docs/ (chat-desktop.png, chat-phone.png, admin.png) by a normal test run, so they always
-show the UI as it is.
+show the UI as it is. The pictures come from `scene_fake`, which draws what the prompt names.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
+import httpx
+import pytest
 from conftest import DOCS
 from playwright.sync_api import expect
 from test_chat import send
 
+from kiln.config import ModelSpec, Settings
+from kiln.service import accounts
 
-def test_screenshots_of_the_chat_and_the_dashboard(open_page: Any, people: Any) -> None:
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    model = settings.models["fake"]
+    scene = ModelSpec(path=model.path, loader="scene_fake:load_scene_fake", native_size=256, steps=12,
+                      options={"step_s": 0.05})
+    return settings.model_copy(update={"models": {"fake": scene}})
+
+
+def submit_bursts(base_url: str, keys: list[str], stop: threading.Event) -> None:
+    """Bursts of jobs from several plans, so the queue fills and drains while the dashboard watches."""
+    prompts = ["a small red square", "a large blue circle", "a green triangle on the left"]
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        while not stop.is_set():
+            for i, key in enumerate(keys * 2):
+                client.post("/v1/jobs", json={"prompt": prompts[i % 3], "size": "256x256"},
+                            headers={"Authorization": f"Bearer {key}"})
+            stop.wait(6)
+
+
+def test_screenshots_of_the_chat_and_the_dashboard(open_page: Any, people: Any, web: Any) -> None:
     DOCS.mkdir(exist_ok=True)
-    people("olga", plan="enterprise", admin=True)
     sam = people("sam", plan="plus")
     page = open_page(sam)
-    for earlier in ("a red bicycle leaning on a wall", "three pears on a blue plate"):
-        message = send(page, earlier)
-        expect(message.locator("img.image")).to_be_visible()
+    for earlier in ("a yellow triangle on a teal background", "a small white square on a black background"):
+        expect(send(page, earlier).locator("img.image")).to_be_visible()
         page.click("a.new-chat")
         page.wait_for_selector(".hello")
-    first = send(page, "a lighthouse on a cliff at dusk, oil painting")
+    first = send(page, "a large orange circle on a purple background")
     expect(first.locator("img.image")).to_be_visible()
-    second = send(page, "now make the sky stormy")
+    second = send(page, "now make it a green square on the left")
     expect(second.locator("img.image")).to_be_visible()
     expect(page.locator("#usage .meter-text")).to_have_text(re.compile(r"left today"))
+    page.wait_for_function("[...document.images].every((i) => i.complete)")
     page.screenshot(path=DOCS / "chat-desktop.png")
 
     phone = open_page(sam, width=375, height=740)
     phone.goto(page.url)
     expect(phone.locator("#thread .msg img.image").last).to_be_visible()
     expect(phone.locator("#usage .meter-text")).to_have_text(re.compile(r"left today"))
+    phone.wait_for_function("[...document.images].every((i) => i.complete)")
     phone.screenshot(path=DOCS / "chat-phone.png")
 
+    keys = []
+    for name, plan in (("ada", "enterprise"), ("bob", "plus"), ("cy", "free")):
+        accounts.create_user(web.state.db, name, plan)
+        keys.append(accounts.create_key(web.state.db, name)[0])
     admin = open_page(people("root", plan="enterprise", admin=True))
-    admin.goto("/admin")
-    admin.wait_for_function("Number(document.body.dataset.statsPolls || 0) >= 3")
+    admin.goto("/admin?every=0.5")
+    stop = threading.Event()
+    load = threading.Thread(target=submit_bursts, args=(web.base_url, keys, stop), daemon=True)
+    load.start()
+    try:
+        admin.wait_for_function("Number(document.body.dataset.statsPolls || 0) >= 40", timeout=60_000)
+    finally:
+        stop.set()
+        load.join(30)
     admin.screenshot(path=DOCS / "admin.png", full_page=True)

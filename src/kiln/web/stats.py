@@ -44,6 +44,7 @@ def snapshot(app: FastAPI) -> dict[str, Any]:
         "time": time.time(),
         "queue_depth": metrics["queue_depth"] or db["queue_depth"],
         "images_total": metrics["images_total"] if metrics["images_total"] is not None else db["images_total"],
+        "images_per_s": metrics["images_per_s"],
         "wait_s": db["wait_s"] or metrics["wait_s"],
         "refusals_total": metrics["refusals_total"],
         "gpus": metrics["gpus"],
@@ -62,6 +63,7 @@ def _read_metrics(registry: CollectorRegistry) -> dict[str, Any]:
     queue: dict[str, float] = defaultdict(float)
     refusals: dict[str, float] = defaultdict(float)
     images: float | None = None
+    images_per_s: float | None = None
     buckets: dict[str, list[tuple[float, float]]] = defaultdict(list)
     gpus: dict[str, dict[str, float]] = defaultdict(dict)
     found: list[str] = []
@@ -72,6 +74,8 @@ def _read_metrics(registry: CollectorRegistry) -> dict[str, Any]:
         if "queue_depth" in name or (family.type == "gauge" and name.endswith(("queue_length", "queued_jobs"))):
             for s in family.samples:
                 queue[_label(s.labels, "plan")] += s.value
+        elif family.type == "gauge" and "images_per_second" in name:
+            images_per_s = sum(s.value for s in family.samples)
         elif family.type == "counter" and "image" in name and "refus" not in name:
             images = (images or 0.0) + sum(s.value for s in family.samples if s.name.endswith("_total"))
         elif family.type == "histogram" and "wait" in name:
@@ -93,6 +97,7 @@ def _read_metrics(registry: CollectorRegistry) -> dict[str, Any]:
     return {
         "queue_depth": dict(queue),
         "images_total": images,
+        "images_per_s": images_per_s,
         "wait_s": {plan: _histogram_quantiles(b) for plan, b in buckets.items() if b and b[-1][1] > 0},
         "refusals_total": dict(refusals),
         "gpus": [{"name": k, **v} for k, v in sorted(gpus.items())],

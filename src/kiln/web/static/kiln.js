@@ -344,7 +344,8 @@ function initChat() {
 // ---------------------------------------------------------------------------------------- dashboard
 
 const PALETTE = ["#e4572e", "#2e86ab", "#76b041", "#f3a712", "#8e5cc4", "#17bebb", "#d1495b", "#5c6b73"];
-const HISTORY = 90;  // points kept per chart: three minutes at one snapshot every two seconds
+const WINDOW_S = 180;  // each chart shows the last three minutes
+const RATE_WINDOW_S = 5;  // rates are averaged over a few seconds so one poll's jitter doesn't show
 
 function colourOf(name, names) {
   const index = names.indexOf(name);
@@ -373,8 +374,9 @@ function drawChart(figure, times, series) {
   }
   figure.dataset.empty = "false";
   const max = niceMax(Math.max(...all));
-  const x = (i) => L + ((W - L - R) * i) / Math.max(1, HISTORY - 1);
-  const offset = HISTORY - times.length;
+  const now = times[times.length - 1];
+  const span = Math.min(WINDOW_S, Math.max(30, now - times[0]));  // fill the chart from the first poll
+  const x = (i) => L + (W - L - R) * (1 - (now - times[i]) / span);
   const y = (v) => T + (H - T - B) * (1 - v / max);
   let out = "";
   for (const f of [0, 0.5, 1]) {
@@ -382,13 +384,13 @@ function drawChart(figure, times, series) {
     out += `<line class="grid" x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}"/>`;
     out += `<text class="tick" x="${L - 4}" y="${y(v) + 3}" text-anchor="end">${+v.toFixed(2)}</text>`;
   }
-  out += `<text class="tick" x="${L}" y="${H - 4}">3 min ago</text><text class="tick" x="${W - R}" y="${H - 4}" text-anchor="end">now</text>`;
+  out += `<text class="tick" x="${L}" y="${H - 4}">${duration(span)} ago</text><text class="tick" x="${W - R}" y="${H - 4}" text-anchor="end">now</text>`;
   for (const s of series) {
     let d = "";
     let pen = false;
     s.values.forEach((v, i) => {
       if (v === null || !Number.isFinite(v)) { pen = false; return; }
-      d += `${pen ? "L" : "M"}${x(i + offset).toFixed(1)},${y(v).toFixed(1)}`;
+      d += `${pen ? "L" : "M"}${x(i).toFixed(1)},${y(v).toFixed(1)}`;
       pen = true;
     });
     out += `<path d="${d}" fill="none" stroke="${s.colour}" stroke-width="2" ${s.dashed ? 'stroke-dasharray="4 3"' : ""} stroke-linejoin="round"/>`;
@@ -409,8 +411,11 @@ function initAdmin() {
   }
 
   function rate(i, get) {
-    if (i === 0) return null;
-    const a = snapshots[i - 1], b = snapshots[i];
+    const b = snapshots[i];
+    let j = i - 1;
+    while (j > 0 && b.time - snapshots[j - 1].time <= RATE_WINDOW_S) j--;
+    if (j < 0) return null;
+    const a = snapshots[j];
     const va = get(a), vb = get(b);
     if (va === undefined || vb === undefined || va === null || vb === null) return null;
     return Math.max(0, (vb - va) / Math.max(0.001, b.time - a.time));
@@ -422,7 +427,10 @@ function initAdmin() {
     const plans = latest.plans || Object.keys(latest.queue_depth || {});
     const fig = (name) => $(`.chart[data-chart="${name}"]`);
     drawChart(fig("queue_depth"), times, seriesOf("queue_depth", plans, (s, p) => s.queue_depth?.[p] ?? 0));
-    drawChart(fig("images_rate"), times, [{ name: "images/s", colour: PALETTE[1], values: snapshots.map((_, i) => rate(i, (s) => s.images_total)) }]);
+    drawChart(fig("images_rate"), times, [{
+      name: "images/s", colour: PALETTE[1],
+      values: snapshots.map((_, i) => rate(i, (s) => s.images_total)),  // counted, not smoothed
+    }]);
     const waitNames = plans.flatMap((p) => [`${p} p50`, `${p} p95`]);
     drawChart(fig("wait"), times, waitNames.map((n) => {
       const [plan, q] = n.split(" ");
@@ -445,13 +453,14 @@ function initAdmin() {
     $("#live-dot")?.classList.toggle("stale", !r.ok);
     if (r.ok) {
       snapshots.push(r.data);
-      if (snapshots.length > HISTORY) snapshots.shift();
+      while (snapshots.length > 2 && r.data.time - snapshots[0].time > WINDOW_S) snapshots.shift();
       render();
       document.body.dataset.statsPolls = String(Number(document.body.dataset.statsPolls || 0) + 1);
     }
   }
+  const every = Math.max(0.25, Number(new URLSearchParams(location.search).get("every")) || 2);
   poll();
-  setInterval(() => { if (!document.hidden) poll(); }, 2000);
+  setInterval(() => { if (!document.hidden) poll(); }, every * 1000);
 
   // plans save in place, so the charts keep their history
   $$("form[data-ajax]").forEach((form) => form.addEventListener("submit", async (event) => {
