@@ -34,6 +34,9 @@ def test_sdk_b64_json_then_metadata_and_provenance(server, make_user) -> None:
     assert prov["generator"].startswith("kiln/") and prov["model"] == "fake"
     assert prov["seed"] == 8 and prov["job_id"] == result.model_extra["id"]
     assert prov["prompt_sha256"] == prompt_hash("a red circle")
+    credentials = info["content_credentials"]  # C2PA, signed by Kiln's own (untrusted) certificate
+    assert credentials["validation_state"] == "Valid"
+    assert "c2pa.actions.v2" in credentials["assertions"] and credentials["kiln"]["seed"] == 8
 
 
 def test_sdk_url_serves_the_file_to_its_owner(server, make_user) -> None:
@@ -59,6 +62,10 @@ def test_lossy_formats_carry_exif_and_xmp_provenance(server, make_user, fmt: str
     assert picture.format == fmt.upper()
     assert b"kiln:job_id" in picture.info["xmp"]
     assert result.model_extra["id"] in picture.getexif()[0x010E]
+    with server.client(ann.key) as http:
+        info = http.get(f"/v1/images/{result.data[0].model_extra['id']}").json()
+    assert info["provenance"]["seed"] == 3
+    assert info["content_credentials"]["kiln"]["job_id"] == result.model_extra["id"]
 
 
 def test_sizes_quality_and_aliases(server, make_user) -> None:

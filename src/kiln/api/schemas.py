@@ -123,6 +123,8 @@ class ImageInfo(BaseModel):
     url: str
     provenance: dict
     """The provenance record read back from the stored file's own metadata."""
+    content_credentials: dict | None = None
+    """The file's C2PA manifest, summarised (validation state, assertions, Kiln's record); None if unsigned."""
 
 
 class JobInfo(BaseModel):

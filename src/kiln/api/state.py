@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.config import Settings
 from kiln.db.engine import make_engine, make_session_factory
+from kiln.service import content_credentials
 from kiln.service.clock import Clock, SystemClock
 from kiln.service.moderation import Moderation
 from kiln.service.plan_cache import PlanCache
@@ -52,7 +53,11 @@ class AppState:
             db=db,
             registry=ModelRegistry.from_settings(settings),
             clock=clock or SystemClock(),
-            store=ImageStore(settings.images_dir),
+            store=ImageStore(
+                settings.images_dir,
+                content_credentials.ContentCredentials(settings.data_dir / "c2pa")
+                if content_credentials.available() else None,
+            ),
             plans=PlanCache(db, settings.live_settings_poll_s),
             moderation=Moderation(settings.moderation_blocklist),
         )

@@ -255,6 +255,8 @@ def complete_job(
             model=job.model, seed=job.seed + index, job_id=job.id, image_id=image_id, prompt=job.prompt
         )
         content = provenance.encode(picture, fmt, compression, record)
+        if store.credentials is not None:
+            content = store.credentials.sign(content, fmt, record)
         rel = image_path(job.user_id, image_id, fmt)
         size = store.write(rel, content)
         rows.append(Image(

@@ -9,13 +9,19 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kiln.errors import NotFound
 
+if TYPE_CHECKING:
+    from kiln.service.content_credentials import ContentCredentials
+
 
 class ImageStore:
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, credentials: ContentCredentials | None = None) -> None:
         self.root = Path(root).resolve()
+        self.credentials = credentials
+        """Signs stored images with C2PA Content Credentials, when set."""
 
     def _resolve(self, rel_path: str) -> Path:
         path = (self.root / rel_path).resolve()

@@ -22,7 +22,7 @@ from kiln.api.schemas import ERRORS, EditRequest, GenerationRequest, ImageInfo, 
 from kiln.api.state import AppState
 from kiln.errors import GenerationFailed, InvalidRequest, KilnError, Overloaded, RetryLater
 from kiln.service import image_requests as ir
-from kiln.service import jobs, provenance
+from kiln.service import content_credentials, jobs, provenance
 from kiln.service.accounts import Account
 
 router = APIRouter(prefix="/v1", tags=["images"])
@@ -202,6 +202,7 @@ async def get_image(image_id: str, request: Request, state: State, account: Curr
         width=image.width, height=image.height, format=image.format, seed=image.seed,
         size_bytes=image.size_bytes, url=f"{base.rstrip('/')}/v1/images/{image.id}/content",
         provenance=provenance.read(content) or {},
+        content_credentials=await asyncio.to_thread(content_credentials.read, content, image.format),
     )
 
 
