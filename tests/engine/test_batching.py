@@ -138,3 +138,14 @@ def test_bounding_is_off_when_disabled(make_engine, executor, clock):
     engine.step()
     sizes = sorted(len(b.requests) for b in executor.submitted)
     assert sizes == [1, 8]
+
+
+def test_paying_batch_takes_few_low_priority_riders_while_bounding(make_engine, executor, clock):
+    engine = make_engine(max_batch_images=8, preemption="bound", bound_batch_images=2)
+    plus = req("p", "plus")
+    engine.add_request(plus)
+    for i in range(8):
+        engine.add_request(req(f"f{i}", "free"))
+    engine.step()
+    batch = executor.only()
+    assert job_ids(batch)[0] == plus.job_id and len(batch.requests) == 3  # plus + 2 free riders

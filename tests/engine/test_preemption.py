@@ -1,5 +1,5 @@
 """Preemption: a running lower-weight batch is stopped at a step boundary for waiting paying work,
-requeued at the head of its queue, once, and not charged twice."""
+requeued at the head of its queue, at most max_preemptions times, and not charged twice."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from .conftest import KEY, job_ids, req
 
 
 def test_paying_work_preempts_a_free_batch(make_engine, executor, clock):
-    engine = make_engine(max_batch_images=8, preemption="preempt")
+    engine = make_engine(max_batch_images=8, preemption="preempt", max_preemptions=1)
     frees = [req(f"f{i}", "free") for i in range(8)]
     for r in frees:
         engine.add_request(r)

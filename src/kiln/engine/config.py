@@ -16,15 +16,19 @@ class EngineConfig:
     """How long a partial batch is held for more requests with its key (settings.max_batch_wait_s)."""
     preemption: Preemption = "bound"
     """How paying work avoids waiting behind a long low-priority batch:
-    bound: a batch led by a lower-weight plan (or relax work) is capped at `bound_batch_images` while
-    higher-weight work waits or arrived within `bound_window_s`; nothing is thrown away.
+    bound: while higher-weight work waits or arrived within `bound_window_s`, a batch holds at most
+    `bound_batch_images` images of lower-weight (or relax) work, whoever leads it; so a paying job
+    waits behind a short batch and never rides in a long one. Nothing is thrown away.
     preempt: a running lower-weight batch is stopped at the next step and requeued at the head of
-    its queue (once per batch, and only before `preempt_max_progress` of its steps); its steps are lost.
+    its queue (at most `max_preemptions` times per request, and only before `preempt_max_progress`
+    of its steps); the steps it had done are lost.
     both: bound and preempt. off: neither."""
     bound_batch_images: int = 2
-    """Cap for a bounded low-priority batch."""
+    """Most lower-weight images in one batch while bounding applies."""
     bound_window_s: float = 30.0
     """A higher-weight arrival this recent counts as 'arriving' for bounding."""
+    max_preemptions: int = 2
+    """A request is preempted at most this often, so free work always finishes."""
     preempt_max_progress: float = 0.5
     """A batch further along than this fraction of its steps is left to finish."""
     plan_max_running_images: dict[str, int] = field(default_factory=dict)

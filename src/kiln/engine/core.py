@@ -244,12 +244,19 @@ class EngineCore:
             head = queue.peek(self._eligible)
         if head is None:
             return None
-        cap = self._batch_cap(head, now)
-        if not head.isolate and self._hold(queue, head, cap, now):
+        cap = self.config.max_batch_images
+        top = self._top_weight(now)
+        low_cap = self.config.bound_batch_images
+
+        def low(item: WorkItem) -> bool:  # bounded: someone better is waiting or arriving
+            return top is not None and self._weight_of(item) < top
+
+        if not head.isolate and self._hold(queue, head, min(cap, low_cap) if low(head) else cap, now):
             return None
         items = [head]
         queue.take(head)
         images = head.images
+        low_images = head.images if low(head) else 0
         pending: dict[str, int] = defaultdict(int)
         pending[head.plan] += head.images
 
@@ -258,6 +265,7 @@ class EngineCore:
                 item.key == head.key
                 and not item.isolate
                 and images + item.images <= cap
+                and (not low(item) or low_images + item.images <= low_cap)
                 and self._eligible(item, pending[item.plan])
             )
 
@@ -268,6 +276,7 @@ class EngineCore:
             queue.take(item)
             items.append(item)
             images += item.images
+            low_images += item.images if low(item) else 0
             pending[item.plan] += item.images
         return self._start_batch(items, now)
 
@@ -291,16 +300,14 @@ class EngineCore:
         running = self._running_images[item.plan] + pending
         return running == 0 or running + item.images <= cap
 
-    def _batch_cap(self, head: WorkItem, now: float) -> int:
-        cap = self.config.max_batch_images
+    def _top_weight(self, now: float) -> float | None:
+        """With bounding on: the highest weight queued or arrived within bound_window_s. Work below
+        it rides in a batch only up to bound_batch_images, so no batch grows long on its account."""
         if self.config.preemption not in ("bound", "both"):
-            return cap
-        weight = self._weight_of(head)
-        window = self.config.bound_window_s
-        higher = any(self.queue.weights.get(p, 1.0) > weight for p in self.queue.plans_waiting()) or any(
-            self.queue.weights.get(p, 1.0) > weight and now - t <= window for p, t in self._last_arrival.items()
-        )
-        return min(cap, self.config.bound_batch_images) if higher else cap
+            return None
+        weights = self.queue.weights
+        recent = [p for p, t in self._last_arrival.items() if now - t <= self.config.bound_window_s]
+        return max((weights.get(p, 1.0) for p in [*self.queue.plans_waiting(), *recent]), default=None)
 
     def _choose_victim(self) -> RunningBatch | None:
         if any(b.preempting for b in self.running.values()):
@@ -315,7 +322,7 @@ class EngineCore:
             if b.best_weight < weight
             and not b.cancelling
             and b.progress < self.config.preempt_max_progress
-            and not any(i.preempted for i in b.items)
+            and all(i.preemptions < self.config.max_preemptions for i in b.items)
         ]
         if not victims:
             return None
@@ -357,7 +364,7 @@ class EngineCore:
         for batch in scheduled.preempt:
             batch.preempting = True
             for item in batch.items:
-                item.preempted = True
+                item.preemptions += 1
             self.executor.cancel(batch.batch_id)
 
     # ---- update

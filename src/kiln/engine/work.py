@@ -23,8 +23,8 @@ class WorkItem:
     """Times a worker died while running it."""
     isolate: bool = False
     """Run alone next time (after its batch failed or lost a worker), so blame is exact."""
-    preempted: bool = False
-    """Stopped once to let higher-weight work run; it is not preempted again."""
+    preemptions: int = 0
+    """Times it was stopped to let higher-weight work run (bounded by config.max_preemptions)."""
     seq: int = 0
     """Admission order, a stable tie-break."""
     batch_id: str | None = None
