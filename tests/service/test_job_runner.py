@@ -71,3 +71,20 @@ async def test_stopping_refunds_jobs_that_never_started(db, settings, make_user,
     await runner.stop()
     assert jobs.get_job(db, job_id).status == "cancelled"
     assert jobs.usage_of(db, ann.user_id, get_plan(db, "free"), clock.now()).used == 0
+
+
+async def test_jobs_of_a_killed_server_are_reaped_and_refunded(db, settings, make_user, clock) -> None:
+    import datetime as dt
+
+    from kiln.db.models import utcnow
+
+    ann = make_user("ann")
+    store = ImageStore(settings.images_dir)
+    orphan = admit(db, store, clock, "a fox")  # admitted by a server that then died
+    jobs.lease_jobs(db, [orphan], "dead-server", utcnow() - dt.timedelta(seconds=1))
+    runner = InlineJobRunner(db, ModelRegistry.from_settings(settings), store)
+    await runner.start()
+    await runner.stop()
+    view = jobs.get_job(db, orphan)
+    assert view.status == "failed" and view.error_code == "worker_lost" and view.charge_state == "refunded"
+    assert jobs.usage_of(db, ann.user_id, get_plan(db, "free"), clock.now()).used == 0

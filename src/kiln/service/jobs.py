@@ -310,6 +310,43 @@ def cancel_job(db: sessionmaker[Session], job_id: str, user_id: str | None) -> J
     return get_job(db, job_id)
 
 
+def lease_jobs(db: sessionmaker[Session], job_ids: list[str], worker_id: str, until: dt.datetime) -> int:
+    """Mark unfinished jobs as held by `worker_id` until `until`; a holder renews, or its jobs are reaped."""
+    if not job_ids:
+        return 0
+    with write_transaction(db) as session:
+        return session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status.in_(ACTIVE))
+            .values(worker_id=worker_id, lease_expires_at=until)
+            .execution_options(**_NO_SYNC)
+        ).rowcount
+
+
+def renew_leases(db: sessionmaker[Session], worker_id: str, until: dt.datetime) -> int:
+    with write_transaction(db) as session:
+        return session.execute(
+            update(Job)
+            .where(Job.worker_id == worker_id, Job.status.in_(ACTIVE))
+            .values(lease_expires_at=until)
+            .execution_options(**_NO_SYNC)
+        ).rowcount
+
+
+def reap_abandoned(db: sessionmaker[Session], now: dt.datetime) -> list[str]:
+    """Fail and refund unfinished jobs whose holder stopped renewing its lease (a killed process),
+    so neither their charge nor the plan's concurrency slot stays taken. Jobs without a lease are
+    left to whoever admitted them."""
+    with db() as session:
+        stale = list(session.scalars(
+            select(Job.id).where(Job.status.in_(ACTIVE), Job.lease_expires_at.is_not(None),
+                                 Job.lease_expires_at < now)
+        ))
+    for job_id in stale:
+        fail_job(db, job_id, "worker_lost", "The server running this job stopped; the charge was refunded.")
+    return stale
+
+
 def get_image(db: sessionmaker[Session], image_id: str, user_id: str) -> ImageView:
     """An image row; NotFound unless it is `user_id`'s."""
     with db() as session:

@@ -10,13 +10,18 @@ quota ledger stays exact whatever happens in the pipeline.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
+import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from kiln.db.models import utcnow
 from kiln.service import jobs
 from kiln.service.storage import ImageStore
 from kiln.worker.registry import ModelRegistry
@@ -82,7 +87,11 @@ def batch_of(job: jobs.JobView, store: ImageStore) -> tuple[BatchSpec, Generatio
 
 
 class InlineJobRunner:
-    """An asyncio queue drained by `concurrency` tasks, each running one job's batch in a thread."""
+    """An asyncio queue drained by `concurrency` tasks, each running one job's batch in a thread.
+
+    Jobs it holds are leased to it in the database and renewed every `lease_s / 3`; at start and on
+    each renewal it reaps jobs whose holder stopped renewing (a killed server), refunding them.
+    """
 
     def __init__(
         self,
@@ -92,6 +101,7 @@ class InlineJobRunner:
         *,
         concurrency: int = 1,
         poll_s: float = 0.25,
+        lease_s: float = 30.0,
     ) -> None:
         self._db = db
         self._registry = registry
@@ -103,11 +113,27 @@ class InlineJobRunner:
         self._done: dict[str, asyncio.Event] = {}
         self._cancelled: set[str] = set()
         self._running: set[str] = set()
+        self._lease_s = lease_s
+        self.worker_id = f"inline-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"[:64]
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
+        await asyncio.to_thread(jobs.reap_abandoned, self._db, utcnow())
         self._tasks = [asyncio.create_task(self._work(), name=f"kiln-runner-{i}")
                        for i in range(self._concurrency)]
+        self._tasks.append(asyncio.create_task(self._keep_leases(), name="kiln-runner-leases"))
+
+    def _lease_until(self) -> dt.datetime:
+        return utcnow() + dt.timedelta(seconds=self._lease_s)
+
+    async def _keep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            try:
+                await asyncio.to_thread(jobs.renew_leases, self._db, self.worker_id, self._lease_until())
+                await asyncio.to_thread(jobs.reap_abandoned, self._db, utcnow())
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the renewals
+                log.exception("renewing job leases failed")
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -126,6 +152,7 @@ class InlineJobRunner:
         if self._queue is None:
             raise RuntimeError("the job runner is not started")
         self._done.setdefault(job_id, asyncio.Event())
+        await asyncio.to_thread(jobs.lease_jobs, self._db, [job_id], self.worker_id, self._lease_until())
         self._queue.put_nowait(job_id)
 
     async def cancel(self, job_id: str) -> None:
