@@ -7,6 +7,7 @@ to re-run is the engine's job, not this module's.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import threading
 from collections.abc import Callable
@@ -27,6 +28,11 @@ from kiln.executor.base import (
 from kiln.executor.worker_main import worker_main
 from kiln.worker.registry import ModelInfo, ModelRegistry
 
+log = logging.getLogger(__name__)
+
+MAX_STARTUP_FAILURES = 5
+"""A worker slot that dies this many times in a row before it is ready is left down (logged)."""
+
 
 @dataclass
 class _Worker:
@@ -36,6 +42,7 @@ class _Worker:
     outbox: Connection  # child → parent
     batch_id: str | None = None
     ready: bool = False
+    down: bool = False
 
 
 class LocalExecutor:
@@ -65,6 +72,7 @@ class LocalExecutor:
         self._stopping = False
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
         self._reader: threading.Thread | None = None
+        self._startup_failures = [0] * workers
         self.restarts = 0
 
     @classmethod
@@ -125,15 +133,16 @@ class LocalExecutor:
     # ---- the Executor interface
 
     def total_slots(self) -> int:
-        return self._size
+        with self._lock:
+            return sum(1 for w in self._workers if not w.down)
 
     def free_slots(self) -> int:
         with self._lock:
-            return sum(1 for w in self._workers if w.batch_id is None)
+            return sum(1 for w in self._workers if w.batch_id is None and not w.down)
 
     def submit(self, batch: ExecBatch) -> None:
         with self._lock:
-            worker = next((w for w in self._workers if w.batch_id is None), None)
+            worker = next((w for w in self._workers if w.batch_id is None and not w.down), None)
             if worker is None:
                 raise RuntimeError("no idle worker: check free_slots() before submit()")
             worker.batch_id = batch.batch_id
@@ -192,7 +201,7 @@ class LocalExecutor:
             with self._lock:
                 if self._stopping:
                     return
-                workers = list(self._workers)
+                workers = [w for w in self._workers if not w.down]
             by_handle: dict[Any, tuple[_Worker, str]] = {}
             for worker in workers:
                 by_handle[worker.outbox] = (worker, "pipe")
@@ -253,7 +262,14 @@ class LocalExecutor:
                 return
             lost = worker.batch_id
             slot = self._workers.index(worker)
-            if not self._stopping:
+            failures = self._startup_failures[slot] = 0 if worker.ready else self._startup_failures[slot] + 1
+            if self._stopping:
+                pass
+            elif failures >= MAX_STARTUP_FAILURES:  # it cannot even start: stop burning a core on it
+                log.error("worker slot %d died %d times before it was ready; leaving it down", slot, failures)
+                worker.down = True
+                worker.batch_id = None
+            else:
                 self._workers[slot] = self._spawn(slot)
                 self.restarts += 1
             if lost is not None:

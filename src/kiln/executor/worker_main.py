@@ -27,6 +27,10 @@ def worker_main(
 
     torch.set_num_threads(torch_threads)
     registry = ModelRegistry(models, aliases, default)
+    try:  # load the default model now, so a restarted worker is warm before its first batch
+        registry.pipeline(default)
+    except Exception:  # noqa: BLE001 - a model that cannot load fails its batches, with the reason
+        pass
     outbox.send(("ready", worker_id))
     pending: deque[Any] = deque()
     while True:
