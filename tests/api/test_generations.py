@@ -163,3 +163,13 @@ def test_every_other_error_class_through_the_sdk(server, start_server, settings,
     with pytest.raises(openai.APIStatusError) as too_large:  # a 16 kB body where 4 kB are accepted
         small.openai(ann.key).images.edit(image=("a.png", png() + b"\0" * 16384, "image/png"), prompt="x")
     assert too_large.value.status_code == 413 and too_large.value.code == "payload_too_large"
+
+
+def test_sdk_streaming_sends_a_completed_event_per_image(server, make_user) -> None:
+    ann = make_user(plan="plus")
+    stream = server.openai(ann.key).images.generate(prompt="a boat", n=2, stream=True,
+                                                    extra_body={"seed": 11})
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.completed"] * 2
+    second = Image.open(io.BytesIO(base64.b64decode(events[1].b64_json)))
+    assert second.getpixel((0, 0)) == prompt_colour("a boat", 12)

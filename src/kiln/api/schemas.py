@@ -34,8 +34,9 @@ class _ImageOptions(BaseModel):
     """Accepted as OpenAI does; Kiln's models draw opaque images."""
     moderation: Literal["low", "auto"] | None = None
     """Accepted as OpenAI does; Kiln's blocklist applies either way."""
-    stream: Literal[False] | None = None
-    """Streaming is not offered on this endpoint yet; false or absent."""
+    stream: bool | None = None
+    """Answer as server-sent events (OpenAI's `image_generation.completed` / `image_edit.completed`,
+    one per image, sent when the images are stored; no partial images yet)."""
     partial_images: int | None = Field(None, ge=0, le=3)
     safety_identifier: str | None = Field(None, max_length=256)
 

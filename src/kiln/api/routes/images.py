@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
@@ -64,7 +66,7 @@ async def _admit_and_wait(
     idempotency_key: str | None,
     digest: str,
     uploads: dict[str, bytes] | None = None,
-) -> ImagesResponse:
+) -> ImagesResponse | StreamingResponse:
     state.moderation.check(spec.prompt)  # before anything is reserved
     plan = await asyncio.to_thread(state.plans.get, account.plan_name)
     try:
@@ -89,8 +91,9 @@ async def _admit_and_wait(
             f"The image generation {reason} ({outcome.error_code or outcome.status}); "
             "your quota was refunded."
         )
-    response.headers.update((await current_usage(state, account))[1])
-    response_format = body.response_format or "b64_json"
+    limits = (await current_usage(state, account))[1]
+    response.headers.update(limits)
+    response_format = "b64_json" if body.stream else body.response_format or "b64_json"
     base = state.settings.public_base_url or str(request.base_url).rstrip("/")
     data = []
     for image_id in outcome.image_ids:
@@ -102,7 +105,7 @@ async def _admit_and_wait(
             content = await asyncio.to_thread(state.store.read, image.path)
             item["b64_json"] = base64.b64encode(content).decode()
         data.append(item)
-    return ImagesResponse(
+    result = ImagesResponse(
         id=job.id,
         created=int(job.created_at.timestamp()),
         data=data,
@@ -111,10 +114,30 @@ async def _admit_and_wait(
         size=f"{spec.width}x{spec.height}",
         usage=ir.token_usage(spec.prompt, spec.n, spec.width, spec.height, int(uploads is not None)),
     )
+    if body.stream:
+        kind = "image_edit" if uploads is not None else "image_generation"
+        return StreamingResponse(_events(result, kind), media_type="text/event-stream", headers=limits)
+    return result
+
+
+def _events(result: ImagesResponse, kind: str) -> Iterator[str]:
+    """OpenAI's streaming shape: one `<kind>.completed` event per image."""
+    for item in result.data:
+        event = {
+            "type": f"{kind}.completed", "id": item.id, "job_id": result.id, "b64_json": item.b64_json,
+            "created_at": result.created, "background": result.background,
+            "output_format": result.output_format, "quality": result.quality, "size": result.size,
+            "usage": result.usage.model_dump(),
+        }
+        yield f"event: {kind}.completed\ndata: {json.dumps(event)}\n\n"
+
+
+_STREAM = {200: {"content": {"text/event-stream": {}},
+                 "description": "The images, or with `stream: true` server-sent events."}}
 
 
 @router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-             responses=ERRORS)
+             responses={**_STREAM, **ERRORS})
 async def create_image(
     body: GenerationRequest,
     request: Request,
@@ -122,7 +145,7 @@ async def create_image(
     state: State,
     account: CurrentAccount,
     idempotency_key: IdempotencyKey = None,
-) -> ImagesResponse:
+) -> ImagesResponse | StreamingResponse:
     """Generate images from a prompt (OpenAI's `images.generate`)."""
     spec = _spec(state, body, "generate", "generate")
     digest = jobs.request_hash({"endpoint": "generations", **body.model_dump(exclude_none=True)})
@@ -155,14 +178,14 @@ async def _read_form(request: Request) -> tuple[dict[str, str], dict[str, list[b
 
 
 @router.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
-             responses=ERRORS, openapi_extra=_edit_schema())
+             responses={**_STREAM, **ERRORS}, openapi_extra=_edit_schema())
 async def edit_image(
     request: Request,
     response: Response,
     state: State,
     account: CurrentAccount,
     idempotency_key: IdempotencyKey = None,
-) -> ImagesResponse:
+) -> ImagesResponse | StreamingResponse:
     """Edit an image (img2img), or repaint the masked part of it (inpainting): OpenAI's `images.edit`."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
