@@ -12,6 +12,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 
 from kiln.engine.admission import AdmissionPolicy, QueueStats, Throughput
+from kiln.engine.batches import RunningBatch, SchedulerOutput
 from kiln.engine.config import EngineConfig
 from kiln.engine.fairqueue import FairQueue
 from kiln.engine.metrics import EngineMetrics
@@ -29,7 +30,7 @@ from kiln.engine.types import (
     Started,
 )
 from kiln.engine.work import WorkItem
-from kiln.engine.batches import RunningBatch, SchedulerOutput
+from kiln.errors import Overloaded
 from kiln.executor.base import (
     BatchCancelled,
     BatchCompleted,
@@ -88,7 +89,7 @@ class EngineCore:
         self._learn_plan(request)
         try:
             admitted = self.admission.admit(self.stats, request, self._running_units(), self._workers())
-        except Exception:
+        except Overloaded:
             if self.metrics:
                 self.metrics.refused(request.plan, "overloaded")
             raise
@@ -406,14 +407,15 @@ class EngineCore:
 
     def _on_failed(self, batch: RunningBatch, output: BatchFailed) -> None:
         self._end_batch(batch)
-        live = [item for item in batch.items if item.members]
-        if len(live) > 1:
-            for item in live:  # run each alone once, so only the bad request fails
+        shared = len(batch.items) > 1
+        for item in batch.items:
+            if not item.members:
+                self._close(item)
+            elif shared:  # run each alone once, so only the bad request fails
                 item.isolate = True
                 self._requeue(item, "isolating")
-            return
-        for item in live:
-            self._fail(item, output.code, output.message)
+            else:
+                self._fail(item, output.code, output.message)
 
     def _on_cancelled(self, batch: RunningBatch) -> None:
         self._end_batch(batch)
