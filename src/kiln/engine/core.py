@@ -285,10 +285,14 @@ class EngineCore:
         """Keep a partial batch back for more of its key, up to max_batch_wait_s from its oldest."""
         if self.config.max_batch_wait_s <= 0:
             return False
-        same = [i for i in queue if i.key == head.key and not i.isolate and self._eligible(i)]
-        if sum(i.images for i in same) >= cap:
-            return False
-        due = min(i.enqueued_at for i in same) + self.config.max_batch_wait_s
+        images, oldest = 0, head.enqueued_at
+        for item in queue:
+            if item.key == head.key and not item.isolate and self._eligible(item):
+                images += item.images
+                oldest = min(oldest, item.enqueued_at)
+                if images >= cap:
+                    return False  # a full batch is there: go
+        due = oldest + self.config.max_batch_wait_s
         if now >= due:
             return False
         self.next_wake_at = due
@@ -581,7 +585,7 @@ class EngineCore:
         rate = self.admission.rate_units_per_s(self._workers())
         for index, item in enumerate(self._order()):
             for member in item.members:
-                if self._positions.get(member.job_id) != index:
+                if _moved(self._positions.get(member.job_id), index):
                     self._positions[member.job_id] = index
                     self._emit(Position(member.job_id, index, ahead / rate))
             ahead += item.units
@@ -596,3 +600,10 @@ class EngineCore:
         for item in self.relax_queue:
             depths["relax"] += len(item.members)
         return depths
+
+
+def _moved(before: int | None, now: int) -> bool:
+    """Worth a Position event: near the front every move counts, further back only a tenth's."""
+    if before is None:
+        return True
+    return before != now and (now < 20 or abs(before - now) >= before // 10)
