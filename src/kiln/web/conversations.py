@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from kiln.db.engine import write_transaction
 from kiln.db.models import Image, Job, utcnow
 from kiln.db.web_models import Conversation, Message
 from kiln.errors import InvalidRequest, NotFound
@@ -71,7 +72,7 @@ def list_conversations(factory: sessionmaker[Session], user_id: str, limit: int 
 
 
 def create_conversation(factory: sessionmaker[Session], user_id: str, title: str = "") -> ConversationInfo:
-    with factory.begin() as session:
+    with write_transaction(factory) as session:  # BEGIN IMMEDIATE on SQLite: read, then write
         conversation = Conversation(user_id=user_id, title=_title(title) or "New chat")
         session.add(conversation)
         session.flush()
@@ -100,7 +101,7 @@ def add_message(
         raise InvalidRequest(f"a message is 1–{MAX_TEXT_CHARS} characters", param="text")
     if kind not in ("generate", "edit"):
         raise InvalidRequest("kind is generate or edit", param="kind")
-    with factory.begin() as session:
+    with write_transaction(factory) as session:  # BEGIN IMMEDIATE on SQLite: read, then write
         conversation = _owned(session, user_id, conversation_id)
         job = session.get(Job, job_id)
         if job is None or job.user_id != user_id:

@@ -140,7 +140,9 @@ function initChat() {
       case "queued": case "position":
         return setState(el, waitingText(d));
       case "running": case "started":
-        return setState(el, "Starting…");
+        return setState(el, "Drawing…");
+      case "requeued":
+        return setState(el, "A worker stopped; trying again…");
       case "progress": {
         const total = d.total || d.steps || 1;
         setState(el, `Drawing · step ${d.step} of ${total}`, d.step / total);
@@ -162,7 +164,7 @@ function initChat() {
     }
   }
 
-  const EVENTS = ["queued", "position", "running", "progress", "completed", "failed", "cancelled"];
+  const EVENTS = ["queued", "position", "running", "started", "requeued", "progress", "completed", "failed", "cancelled"];
 
   function follow(el, failures = 0) {
     const jobId = el.dataset.jobId;
@@ -188,6 +190,7 @@ function initChat() {
         if (status === "succeeded" || status === "completed") return showImages(el, imageIds(r.data));
         if (status === "failed" || status === "cancelled") return apply(el, status, r.data);
         if (status === "queued") apply(el, "queued", r.data);
+        if (status === "running") setState(el, "Drawing…");
       }
       if (failures > 30) return fail(el, "Lost touch with the server; reload the page.");
       setTimeout(() => follow(el, failures + 1), Math.min(500 * (failures + 1), 5000));
