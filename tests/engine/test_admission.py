@@ -89,3 +89,25 @@ def test_queue_position_and_eta(make_engine, executor, clock):
     assert engine.queue_position(jobs[2].job_id) == 1
     assert engine.eta_s(jobs[2].job_id) == pytest.approx(2.0)  # the running one's work, then one more
     assert engine.queue_position("nope") is None
+
+
+def test_relax_requests_are_never_refused(make_engine):
+    engine = make_engine(throughput_prior_units_per_s=UNIT)
+    for i in range(300):
+        engine.add_request(req(f"p{i}", "free"))
+    with pytest.raises(Overloaded):
+        engine.admit(req("me", "free"))
+    admitted = engine.admit(req("me", "free", relax=True))
+    assert admitted.degraded is None and admitted.expected_wait_s == pytest.approx(300.0)
+
+
+def test_queued_event_guesses_the_position_from_the_fair_order(make_engine):
+    from kiln.engine import Queued
+
+    engine = make_engine()
+    for i in range(10):
+        engine.add_request(req("hog", "free"))
+    newcomer = req("new", "plus")
+    engine.add_request(newcomer)
+    queued = [e for e in engine.step() if isinstance(e, Queued) and e.job_id == newcomer.job_id]
+    assert queued[0].position == 0

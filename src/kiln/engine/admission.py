@@ -108,7 +108,7 @@ class AdmissionPolicy:
     def admit(self, stats: QueueStats, request: EngineRequest, running_units: float, workers: int) -> Admitted:
         wait_s = self.expected_wait_s(stats, request, running_units, workers)
         target = request.wait_target_s
-        if wait_s <= target:
+        if wait_s <= target or request.relax:  # relax work asked to wait for idle time: never refused
             return Admitted(request, wait_s)
         refuse_at = target * self.config.refuse_at_target_x
         if wait_s > refuse_at:

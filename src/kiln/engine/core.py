@@ -567,7 +567,12 @@ class EngineCore:
         return self._order_cache
 
     def _position_guess(self, item: WorkItem) -> int:
-        return len(self.queue) + (len(self.relax_queue) if item.relax else 0) if item.batch_id is None else 0
+        """Cheap, for the Queued event; exact positions follow within position_interval_s."""
+        if item.batch_id is not None:
+            return 0
+        ahead = self.stats.units_ahead(item.leader)
+        queued = len(self.queue) + (len(self.relax_queue) if item.relax else 0)
+        return min(queued, round(ahead / max(item.units, 1e-9)))
 
     def _eta_guess(self, request: EngineRequest) -> float:
         return self.admission.expected_wait_s(self.stats, request, self._running_units(), self._workers())
