@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from kiln.errors import AuthenticationFailed, KilnError, NotFound
-from kiln.service import accounts
+from kiln.service import accounts, plans
 from kiln.service.accounts import Account
 from kiln.web import conversations
 from kiln.web.render import browser_account, not_found_page, page, to_login
@@ -57,6 +57,7 @@ async def _chat(request: Request, conversation_id: str | None) -> Response:
     return page(
         request, "chat.html", account=account, current=current, messages=messages,
         conversations=conversations.list_conversations(db, account.user_id),
+        relax=plans.get_plan(db, account.plan_name).relax_mode,
     )
 
 

@@ -45,6 +45,8 @@ function initChat() {
   const template = $("#message-template");
   let conversationId = chat.dataset.conversationId || null;
   let usage = null;
+  const relaxPlan = chat.dataset.relax === "true";  // past the quota, this plan waits in the slow lane
+  const inSlowLane = () => Boolean(usage && usage.remaining === 0 && (usage.relax || relaxPlan));
 
   $(".sidebar-toggle")?.addEventListener("click", (event) => {
     const open = document.body.classList.toggle("sidebar-open");
@@ -74,7 +76,7 @@ function initChat() {
       const left = Math.max(0, usage.remaining ?? usage.limit - usage.used);
       share = usage.limit ? left / usage.limit : 0;
       if (left > 0) text = `${left} of ${usage.limit} image${usage.limit === 1 ? "" : "s"} left today${resets}`;
-      else if (usage.relax || usage.relax_mode) text = `Today's ${usage.limit} images are used: you are in the slow lane${resets}`;
+      else if (inSlowLane()) text = `No images left today: you are in the slow lane${resets}`;
       else text = `No images left today${resets}`;
     }
     $(".meter-text", meter).textContent = text;
@@ -93,7 +95,8 @@ function initChat() {
     const position = d.queue_position ?? d.position;
     const eta = d.eta_s ?? d.eta;
     const parts = [];
-    if (position !== undefined && position !== null) parts.push(position <= 1 ? "Next in line" : `#${position} in line`);
+    // queue_position counts the jobs ahead: 0 means this one is next
+    if (position !== undefined && position !== null) parts.push(position < 1 ? "Next in line" : `${position} ahead in line`);
     else parts.push("Waiting in line");
     if (eta !== undefined && eta !== null) parts.push(`about ${duration(eta)}`);
     return parts.join(" · ");
@@ -240,6 +243,7 @@ function initChat() {
       source = lastImageId();
       kind = source ? "edit" : "generate";
     }
+    const wasInSlowLane = inSlowLane();
     const el = newMessageElement(text, kind, source);
     setState(el, kind === "edit" ? "Editing the last picture…" : "Sending…");
     const job = kind === "edit" ? await submitEdit(el, text, source, seed) : await submitJob(text, seed);
@@ -261,7 +265,7 @@ function initChat() {
     const saved = await api("POST", `/web/api/conversations/${conversationId}/messages`,
       { text, job_id: job.id, kind, source_image_id: kind === "edit" ? source : null });
     if (saved.ok) el.dataset.msgId = saved.data.id;
-    if (job.data.relax) say("You have used today's images, so this one waits in the slow lane: it starts when the GPUs are free.", "info");
+    if (job.data.relax || wasInSlowLane) say("You have used today's images, so this one waits in the slow lane: it starts when the GPUs are free.", "info");
     if (job.imageIds) showImages(el, job.imageIds);
     else { apply(el, "queued", job.data); follow(el); }
     refreshUsage();
