@@ -32,6 +32,7 @@ def fake_model(crash_once_dir: str = "") -> dict[str, ModelInfo]:
 def make_executor(workers: int = 1) -> LocalExecutor:
     executor = LocalExecutor(fake_model(), {}, "fake", workers=workers, torch_threads=1)
     executor.start()
+    assert executor.wait_ready(timeout_s=60)
     return executor
 
 

@@ -103,4 +103,5 @@ async def test_cancel_stops_a_running_job_and_the_worker_takes_the_next(engine):
     assert isinstance(await engine.wait("c0", timeout_s=30), Cancelled)
     engine.add_request(request("c1", "next"))
     assert isinstance(await engine.wait("c1", timeout_s=60), Completed)
+    assert await asyncio.to_thread(engine.core.executor.wait_ready, 60)
     assert not engine.core.running and engine.core.executor.free_slots() == 2

@@ -61,5 +61,6 @@ def test_kill_9_reports_the_batch_lost_and_restarts_the_worker(local_executor):
     lost = collect(local_executor, lambda o: isinstance(o, WorkerLost))[-1]
     assert lost.batch_id == "doomed" and lost.exitcode == -signal.SIGKILL
     assert pid not in local_executor.worker_pids()
+    assert local_executor.wait_ready(timeout_s=60)
     local_executor.submit(batch("after", "fine"))
     assert isinstance(collect(local_executor, lambda o: isinstance(o, BatchCompleted))[-1], BatchCompleted)

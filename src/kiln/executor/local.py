@@ -138,11 +138,11 @@ class LocalExecutor:
 
     def free_slots(self) -> int:
         with self._lock:
-            return sum(1 for w in self._workers if w.batch_id is None and not w.down)
+            return sum(1 for w in self._workers if w.ready and w.batch_id is None and not w.down)
 
     def submit(self, batch: ExecBatch) -> None:
         with self._lock:
-            worker = next((w for w in self._workers if w.batch_id is None and not w.down), None)
+            worker = next((w for w in self._workers if w.ready and w.batch_id is None and not w.down), None)
             if worker is None:
                 raise RuntimeError("no idle worker: check free_slots() before submit()")
             worker.batch_id = batch.batch_id
@@ -174,6 +174,11 @@ class LocalExecutor:
 
     def set_notify(self, notify: Callable[[], None] | None) -> None:
         self._notify = notify
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Block until every live worker has loaded its model (True) or the timeout passes."""
+        with self._changed:
+            return self._changed.wait_for(lambda: all(w.ready for w in self._workers if not w.down), timeout_s)
 
     # ---- for tests and operators
 
@@ -230,8 +235,11 @@ class LocalExecutor:
 
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "ready":
-            worker.ready = True
+        if kind == "ready":  # only now does it count as a slot: a send to a loading worker could block
+            with self._lock:
+                worker.ready = True
+                self._changed.notify_all()
+            self._notify_driver()
             return
         batch_id = message[1]
         output: ExecutorOutput
