@@ -24,7 +24,8 @@ RunnerFactory = Callable[["AppState"], JobRunner]
 
 
 def inline_runner(state: AppState) -> JobRunner:
-    return InlineJobRunner(state.db, state.registry, state.store, concurrency=state.settings.workers)
+    # One job at a time: the registry's pipelines are shared objects, not safe to call from two threads.
+    return InlineJobRunner(state.db, state.registry, state.store, concurrency=1)
 
 
 @dataclass
