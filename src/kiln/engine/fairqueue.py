@@ -14,6 +14,9 @@ from collections.abc import Callable, Iterator
 
 from kiln.engine.work import WorkItem
 
+COMPACT_EVERY = 1024
+"""Takes between two sweeps of idle users' pass values."""
+
 
 class Stride:
     """Pass values per member; the smallest pass goes next, ties to the one served least recently."""
@@ -44,6 +47,11 @@ class Stride:
             self.passes.pop(member, None)
             self.last_served.pop(member, None)
 
+    def compact(self, active: set[str] | dict[str, object]) -> None:
+        """Forget idle members that virtual time has caught up with (bounded memory under churn)."""
+        for member in [m for m in self.passes if m not in active]:
+            self.forget(member)
+
 
 class _PlanQueue:
     def __init__(self) -> None:
@@ -59,6 +67,7 @@ class FairQueue:
         self._stride = Stride()
         self.weights: dict[str, float] = {}
         self._count = 0
+        self._takes = 0
 
     def __len__(self) -> int:
         return self._count
@@ -107,6 +116,10 @@ class FairQueue:
         plan.stride.charge(item.user, item.units, 1.0)
         self._stride.charge(item.plan, item.units, self.weights.get(item.plan, 1.0))
         self.remove(item)
+        self._takes += 1
+        if self._takes % COMPACT_EVERY == 0:
+            for queued in self._plans.values():
+                queued.stride.compact(queued.users)
 
     def refund(self, item: WorkItem) -> None:
         """Give back what `take` charged (a preempted or lost batch is not paid for twice)."""
