@@ -146,19 +146,19 @@ class LocalExecutor:
             if worker is None:
                 raise RuntimeError("no idle worker: check free_slots() before submit()")
             worker.batch_id = batch.batch_id
-            try:
-                worker.inbox.send(("run", batch))
-            except OSError:
-                pass  # the worker is dead; the reader sees its sentinel and reports the batch lost
+        self._send(worker, ("run", batch))  # outside the lock: the reader thread must never wait on a pipe
 
     def cancel(self, batch_id: str) -> None:
         with self._lock:
-            for worker in self._workers:
-                if worker.batch_id == batch_id:
-                    try:
-                        worker.inbox.send(("cancel", batch_id))
-                    except OSError:
-                        pass
+            worker = next((w for w in self._workers if w.batch_id == batch_id), None)
+        if worker is not None:
+            self._send(worker, ("cancel", batch_id))
+
+    def _send(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        try:
+            worker.inbox.send(message)
+        except OSError:
+            pass  # the worker is dead; the reader sees its sentinel and reports the batch lost
 
     def poll(self) -> list[ExecutorOutput]:
         with self._lock:
