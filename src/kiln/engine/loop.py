@@ -45,6 +45,9 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         loop, wake = self._loop, self._wake
         self.core.executor.set_notify(lambda: loop.call_soon_threadsafe(wake.set))
+        for listener, queue in self._listeners:  # those added before start
+            if queue is not None:
+                self._tasks.append(asyncio.create_task(self._feed(listener, queue)))
         self._tasks.append(asyncio.create_task(self._run(), name="kiln-engine"))
 
     async def stop(self) -> None:
@@ -55,6 +58,7 @@ class AsyncEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self._loop = None
 
     # ---- what the service calls
 
@@ -91,7 +95,8 @@ class AsyncEngine:
         if inspect.iscoroutinefunction(listener):
             queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
             self._listeners.append((listener, queue))
-            self._tasks.append(asyncio.create_task(self._feed(listener, queue)))
+            if self._loop is not None:
+                self._tasks.append(asyncio.create_task(self._feed(listener, queue)))
         else:
             self._listeners.append((listener, None))
 
