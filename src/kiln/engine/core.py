@@ -103,7 +103,8 @@ class EngineCore:
             return False
         self._learn_plan(request)
         now = self.clock()
-        self._last_arrival[request.plan] = now
+        if not request.relax:  # relax arrivals never make other work yield
+            self._last_arrival[request.plan] = now
         if request.attempts >= self.config.max_attempts:
             self._emit(Failed(request.job_id, "too_many_attempts", "the job was started too many times"))
             self._finish(request.job_id)
@@ -443,7 +444,7 @@ class EngineCore:
                     f"the worker died {item.crashes} times running this request (exit code {output.exitcode})",
                 )
                 continue
-            item.isolate = item.isolate or len(batch.items) > 1
+            item.isolate = True  # from now on it runs alone, so a next death is its own
             self._requeue(item, "worker_lost")
 
     def _end_batch(self, batch: RunningBatch) -> None:
