@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.kiln-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test migrate bench clean chromium
+.PHONY: setup serve test migrate bench clean chromium screenshots
 
 setup: $(STAMP)
 
@@ -30,6 +30,15 @@ chromium:
 
 test: setup chromium
 	$(PY) -m pytest -q
+
+# The README's pictures of the web UI (docs/chat-desktop.png, docs/chat-phone.png, docs/admin.png).
+screenshots: setup chromium
+	KILN_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -q tests/web/test_screenshots.py
+
+bench: setup
+	command -v wrk >/dev/null || apt-get install -y -q wrk
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) var build dist

@@ -95,6 +95,7 @@ def open_page(browser: Any, web: Any) -> Iterator[Callable[..., Any]]:
         page = context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
         page.js_errors = errors  # type: ignore[attr-defined]
         if person is not None:
             sign_in(page, person)

@@ -70,7 +70,7 @@ def test_the_stats_feed_the_charts_and_degrade_to_no_data(open_page: Any, people
     expect(send(chat, "a green triangle").locator("img.image")).to_be_visible()
     admin = open_page(people("root", plan="enterprise", admin=True))
     admin.goto("/admin")
-    admin.wait_for_function("Number(document.body.dataset.statsPolls || 0) >= 2")
+    admin.wait_for_function("() => Number(document.body.dataset.statsPolls || 0) >= 2")
     stats = admin.request.get("/admin/api/stats").json()
     assert stats["images_total"] >= 1
     assert set(stats["plans"]) >= {"free", "plus", "enterprise"}
@@ -79,3 +79,4 @@ def test_the_stats_feed_the_charts_and_degrade_to_no_data(open_page: Any, people
     expect(admin.locator(".chart[data-chart=images_rate]")).to_have_attribute("data-empty", "false")
     if not stats["gpus"]:  # a CPU machine: no GPU gauges, so the chart says so
         expect(admin.locator(".chart[data-chart=gpu] svg")).to_have_text("no data")
+    assert admin.js_errors == [] and chat.js_errors == []

@@ -44,6 +44,7 @@ def test_events_show_the_place_in_line_then_progress_with_a_preview(open_page: A
     assert "Next in line · about 2 s" in seen, seen
     assert "Drawing · step 6 of 12" in seen, seen
     assert message.locator("img.preview").get_attribute("src").startswith("data:image/png;base64,")
+    assert page.js_errors == []  # the preview's data: URL is allowed by the page's CSP
 
 
 def test_an_overloaded_server_says_when_to_come_back(open_page: Any, people: Any) -> None:

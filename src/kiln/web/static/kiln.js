@@ -374,8 +374,9 @@ function drawChart(figure, times, series) {
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   const all = series.flatMap((s) => s.values).filter((v) => v !== null && Number.isFinite(v));
   if (!all.length) {
-    svg.innerHTML = `<text x="${W / 2}" y="${H / 2}" text-anchor="middle" class="nodata">no data</text>`;
-    legend.innerHTML = "";
+    svg.setAttribute("viewBox", `0 0 ${W} 48`);  // a short card: there is nothing to draw yet
+    svg.innerHTML = `<text x="${W / 2}" y="28" text-anchor="middle" class="nodata">no data</text>`;
+    legend.replaceChildren();
     figure.dataset.empty = "true";
     return;
   }
@@ -403,19 +404,24 @@ function drawChart(figure, times, series) {
     out += `<path d="${d}" fill="none" stroke="${s.colour}" stroke-width="2" ${s.dashed ? 'stroke-dasharray="4 3"' : ""} stroke-linejoin="round"/>`;
   }
   svg.innerHTML = out;
-  legend.innerHTML = series.map((s) => {
+  legend.replaceChildren(...series.map((s) => {
     const last = [...s.values].reverse().find((v) => v !== null && Number.isFinite(v));
-    const value = last === undefined ? "–" : +last.toFixed(2);
-    return `<span><i style="background:${s.colour}${s.dashed ? ";opacity:.55" : ""}"></i>${s.name} <b>${value}</b></span>`;
-  }).join("");
+    const item = document.createElement("span");
+    const swatch = document.createElement("i");
+    swatch.style.background = s.colour;  // CSSOM, allowed by the page's style-src 'self'
+    if (s.dashed) swatch.style.opacity = ".55";
+    const value = document.createElement("b");
+    value.textContent = last === undefined ? "–" : String(+last.toFixed(2));
+    item.append(swatch, `${s.name} `, value);
+    return item;
+  }));
 }
 
 function initAdmin() {
   const snapshots = [];
 
-  function seriesOf(key, names, pick, extra = {}) {
-    return names.map((name) => ({ name, colour: colourOf(extra.colourKey ? extra.colourKey(name) : name, extra.names || names), dashed: extra.dashed?.(name), values: snapshots.map((s, i) => pick(s, name, i)) }));
-  }
+  const seriesOf = (names, pick) =>
+    names.map((name) => ({ name, colour: colourOf(name, names), values: snapshots.map((s) => pick(s, name)) }));
 
   function rate(i, get) {
     const b = snapshots[i];
@@ -433,7 +439,7 @@ function initAdmin() {
     const latest = snapshots[snapshots.length - 1];
     const plans = latest.plans || Object.keys(latest.queue_depth || {});
     const fig = (name) => $(`.chart[data-chart="${name}"]`);
-    drawChart(fig("queue_depth"), times, seriesOf("queue_depth", plans, (s, p) => s.queue_depth?.[p] ?? 0));
+    drawChart(fig("queue_depth"), times, seriesOf(plans, (s, p) => s.queue_depth?.[p] ?? 0));
     drawChart(fig("images_rate"), times, [{
       name: "images/s", colour: PALETTE[1],
       values: snapshots.map((_, i) => rate(i, (s) => s.images_total)),  // counted, not smoothed
