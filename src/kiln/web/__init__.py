@@ -23,8 +23,10 @@ def install_web(app: FastAPI, state: AppState) -> None:
     from kiln.web import admin, chat, signin
     from kiln.web.render import STATIC_DIR
     from kiln.web.session import install_sessions
+    from kiln.web.throttle import SignInThrottle
 
     install_sessions(app, state.settings)
+    app.state.kiln_sign_in_throttle = SignInThrottle()
     admin.install_admin_errors(app)
     app.include_router(signin.router)
     app.include_router(chat.router)

@@ -46,11 +46,12 @@ SECURITY_HEADERS = {
 }
 
 
-def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+def page(request: Request, template: str, status_code: int = 200, headers: dict[str, str] | None = None,
+         **context: Any) -> HTMLResponse:
     context.setdefault("account", None)
     return templates.TemplateResponse(
         request, template, {"csrf_token": csrf_token(request), **context}, status_code=status_code,
-        headers=SECURITY_HEADERS,
+        headers={**SECURITY_HEADERS, **(headers or {})},
     )
 
 

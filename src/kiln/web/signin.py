@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
@@ -11,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from kiln.service.accounts import verify_password
 from kiln.web.render import page
 from kiln.web.session import check_csrf, session_account, sign_in, sign_out
+from kiln.web.throttle import SignInThrottle
 
 router = APIRouter(include_in_schema=False)
 
@@ -30,11 +32,20 @@ async def login(
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     check_csrf(request, csrf_token)
+    throttle: SignInThrottle = request.app.state.kiln_sign_in_throttle
+    keys = (f"name:{username.strip().lower()}", f"addr:{request.client.host if request.client else '?'}")
+    wait_s = throttle.retry_after_s(*keys)
+    if wait_s > 0:
+        return page(request, "login.html", status_code=429, username=username,
+                    error=f"Too many wrong passwords. Try again in {math.ceil(wait_s / 60)} min.",
+                    headers={"Retry-After": str(math.ceil(wait_s))})
     db = request.app.state.kiln.db
     account = await run_in_threadpool(verify_password, db, username.strip(), password)  # argon2: slow
     if account is None:
+        throttle.failed(*keys)
         return page(request, "login.html", status_code=401, error="Wrong name or password.",
                     username=username)
+    throttle.succeeded(keys[0])
     sign_in(request, account)
     return RedirectResponse("/", status_code=303)
 
