@@ -6,8 +6,10 @@ need atomic read-modify-write use `BEGIN IMMEDIATE` (see `write_transaction`).
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -47,6 +49,15 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+_write_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+_write_locks_guard = threading.Lock()
+
+
+def _write_lock(engine: Engine) -> threading.Lock:
+    with _write_locks_guard:
+        return _write_locks.setdefault(engine, threading.Lock())
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
@@ -58,8 +69,12 @@ def write_transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     On PostgreSQL it is an ordinary transaction; callers use `SELECT … FOR UPDATE` or conditional
     UPDATEs there. Either way the block commits on success and rolls back on error.
     """
-    with factory() as session:
-        if is_sqlite(session.get_bind()):  # type: ignore[arg-type]
+    bind = factory.kw["bind"]
+    # SQLite has one writer at a time. Threads of this process queue on a mutex instead of on
+    # SQLite's busy handler, whose sleeps and retries cost far more than the writes themselves;
+    # other processes still meet at BEGIN IMMEDIATE.
+    with _write_lock(bind) if is_sqlite(bind) else nullcontext(), factory() as session:
+        if is_sqlite(bind):
             session.connection(execution_options={"sqlite_immediate": True})
         try:
             yield session

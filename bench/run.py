@@ -1,0 +1,81 @@
+"""`make bench`: run every scenario and write bench/results/<date>/report.md with tables and plots.
+
+Usage: python -m bench.run [--quick] [--only ceiling,saturation,...] [--model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import time
+import traceback
+from pathlib import Path
+
+from bench.harness import EMBEDDED, REPO, Context, Section, machine
+from bench.scenarios import ceiling, gateway, isolation, peer, served
+
+ORDER = ("ceiling", "saturation", "batching", "isolation", "gateway", "peer")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (a smoke test of the bench)")
+    parser.add_argument("--only", default=",".join(ORDER), help="comma-separated scenarios")
+    parser.add_argument("--model", type=Path, default=EMBEDDED, help="diffusers pipeline directory")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for every contender")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    wanted = set(args.only.split(","))
+    out = args.out or REPO / "bench" / "results" / dt.date.today().isoformat()
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Context(out=out, quick=args.quick, threads=args.threads, model_path=args.model.resolve())
+    info = machine()
+    started = time.time()
+
+    def attempt(name: str, fn) -> None:  # noqa: ANN001
+        print(f"[bench] {name} …", flush=True)
+        t0 = time.time()
+        try:
+            result = fn(ctx)
+        except Exception as exc:  # noqa: BLE001 - a failed scenario is reported, not hidden
+            traceback.print_exc()
+            ctx.results[name] = Section(name, f"**failed**: `{type(exc).__name__}: {exc}`")
+            return
+        for section in result if isinstance(result, tuple) else (result,):
+            ctx.results[section.name] = section
+        print(f"[bench] {name} done in {time.time() - t0:.0f} s", flush=True)
+
+    # saturation and batching share their runs; the later scenarios size their load from saturation.
+    needs_ceiling = wanted & {"ceiling", "saturation", "batching", "isolation", "peer"}
+    if needs_ceiling:
+        attempt("ceiling", ceiling.run)
+    if wanted & {"saturation", "batching", "isolation", "peer"} and "ceiling" in ctx.results:
+        attempt("saturation", served.run)
+    if "isolation" in wanted:
+        attempt("isolation", isolation.run)
+    if "gateway" in wanted:
+        attempt("gateway", gateway.run)
+    if "peer" in wanted:
+        attempt("peer", peer.run)
+
+    lines = [
+        f"# Kiln benchmark — {dt.date.today().isoformat()}",
+        "",
+        "| machine | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in info.items()),
+        f"| model | `{ctx.model_path.relative_to(REPO) if ctx.model_path.is_relative_to(REPO) else ctx.model_path}` |",
+        f"| torch threads | {ctx.threads} |",
+        f"| mode | {'quick' if ctx.quick else 'full'} ({time.time() - started:.0f} s) |",
+        "",
+        "Every ratio compares two things measured in this run, on this machine. No GPU was lent to this "
+        "run" if info["gpu"] == "none" else f"GPU: {info['gpu']}.",
+        "",
+    ]
+    lines += [ctx.results[name].markdown() for name in ORDER if name in ctx.results]
+    (out / "report.md").write_text("\n".join(lines))
+    print(f"[bench] wrote {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""isolation: an enterprise user's latency alone, and again under a free-plan flood of 5× capacity."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from bench.harness import Context, KilnServer, Result, Section, closed_loop, open_loop, percentile
+from bench.plots import cdf_plot
+
+BODY = {"prompt": "a green triangle at the top on a white background", "size": "64x64",
+        "response_format": "b64_json"}
+FREE_USERS = 100
+
+
+async def flood(url: str, enterprise: dict[str, str], free: dict[str, str], rate: float,
+                duration_s: float) -> tuple[list[Result], list[Result]]:
+    paid, crowd = await asyncio.gather(
+        closed_loop(url, enterprise, BODY, 1, duration_s),
+        open_loop(url, free, BODY, rate, duration_s),
+    )
+    return paid, crowd
+
+
+def measure(ctx: Context, capacity: float, preemption: str | None) -> dict:
+    duration = 15.0 if ctx.quick else 40.0
+    settings = {"preemption": preemption} if preemption else {}
+    with KilnServer(ctx.model_path, settings, threads=ctx.threads) as server:
+        server.set_plan("free", "--images-per-day", "1000000")
+        enterprise = {"ent": server.user("ent", "enterprise")}
+        free = server.users([f"free{i}" for i in range(FREE_USERS)], "free")
+        asyncio.run(closed_loop(server.url, enterprise, BODY, 1, 3.0))  # warm the worker
+        alone = asyncio.run(closed_loop(server.url, enterprise, BODY, 1, duration))
+        paid, crowd = asyncio.run(flood(server.url, enterprise, free, 5 * capacity, duration))
+    alone_s = [r.latency_s for r in alone if r.status == 200]
+    paid_s = [r.latency_s for r in paid if r.status == 200]
+    refusals = [r for r in crowd if r.status in (429, 503)]
+    errors = [r for r in alone + paid + crowd if r.status not in (200, 429, 503)]
+    codes = Counter(r.status for r in crowd)
+    return {
+        "alone": alone_s, "flooded": paid_s, "refusal_s": [r.latency_s for r in refusals],
+        "free_ok": codes.get(200, 0), "free_429": codes.get(429, 0), "free_503": codes.get(503, 0),
+        "errors": len(errors), "error_samples": [e.error for e in errors[:3]],
+        "retry_after_missing": sum(1 for r in refusals if not r.retry_after),
+        "paid_refused": sum(1 for r in paid if r.status != 200),
+    }
+
+
+def run(ctx: Context) -> Section:
+    capacity = ctx.results["saturation"].data["served"]
+    rows, series, verdicts = [], {}, []
+    for mode in ("bound", "both"):
+        m = measure(ctx, capacity, mode)
+        p50a, p99a = percentile(m["alone"], 50), percentile(m["alone"], 99)
+        p50f, p99f = percentile(m["flooded"], 50), percentile(m["flooded"], 99)
+        ratio = (p99f / p99a) if p99a and p99f else None
+        refusal_p99_ms = (percentile(m["refusal_s"], 99) or 0) * 1000
+        rows.append({
+            "preemption": mode, "enterprise p50 alone s": p50a, "p99 alone s": p99a,
+            "p50 flooded s": p50f, "p99 flooded s": p99f, "p99 ratio": ratio,
+            "free 200": m["free_ok"], "free 429": m["free_429"], "free 503": m["free_503"],
+            "refusal p99 ms": refusal_p99_ms, "errors": m["errors"],
+            "refusals without Retry-After": m["retry_after_missing"],
+        })
+        series[f"{mode}: alone"] = m["alone"]
+        series[f"{mode}: under flood"] = m["flooded"]
+        verdicts.append((mode, ratio, refusal_p99_ms, m["errors"]))
+    best = min(verdicts, key=lambda v: v[1] or 99)
+    plot = cdf_plot(ctx.out / "isolation.png", "Enterprise latency, alone vs under a 5× free flood",
+                    "latency per image (s)", series)
+    return Section(
+        name="isolation",
+        summary=(f"Free users flood at 5× capacity ({5 * capacity:.1f} requests/s from {FREE_USERS} users) "
+                 f"while one enterprise user keeps generating. Best mode **{best[0]}**: enterprise p99 "
+                 f"ratio **{best[1]:.2f}** (goal ≤ 1.3), refusal p99 **{best[2]:.1f} ms** (goal ≤ 5 ms), "
+                 f"errors {best[3]} (goal 0)."),
+        table=rows,
+        plots=[plot],
+        data={"rows": rows},
+        notes=["Latencies are measured by the client, on the same 2-core machine as the server and its "
+               "worker; refusals include the client's own time."],
+    )
