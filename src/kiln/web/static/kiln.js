@@ -266,6 +266,7 @@ function initChat() {
       { text, job_id: job.id, kind, source_image_id: kind === "edit" ? source : null });
     if (saved.ok) el.dataset.msgId = saved.data.id;
     if (job.data.relax || wasInSlowLane) say("You have used today's images, so this one waits in the slow lane: it starts when the GPUs are free.", "info");
+    else if (job.data?.degraded) say("Kiln is busy, so this picture is drawn with fewer steps to keep your wait short.", "info");
     if (job.imageIds) showImages(el, job.imageIds);
     else { apply(el, "queued", job.data); follow(el); }
     refreshUsage();
