@@ -6,7 +6,7 @@ Settings are built by `load_settings` inside the app factory or a CLI command, n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
@@ -110,6 +110,28 @@ class Settings(BaseSettings):
     """Most images the batcher packs into one pipeline call."""
     max_batch_wait_s: float = Field(0.05, ge=0.0, le=10.0)
     """How long the batcher holds a partial batch for more requests with the same key."""
+    preemption: Literal["off", "bound", "preempt", "both"] = "bound"
+    """How paying work avoids waiting behind a long low-priority batch: `bound` caps the lower-weight
+    images in a batch while better work waits; `preempt` stops a running lower-weight batch at its next
+    step and requeues it; `both`; `off` (docs/ENGINE.md compares them)."""
+    bound_batch_images: int = Field(2, ge=1, le=64)
+    """Most lower-weight images in one batch while bounding applies."""
+    max_preemptions: int = Field(2, ge=0, le=100)
+    """A request is preempted at most this often, so low-priority work always finishes."""
+    plan_max_running_images: dict[str, int] = Field(default_factory=dict)
+    """Per-plan cap on images running at once, e.g. `{free = 4}`; a plan absent here is uncapped."""
+    throughput_prior_units_per_s: float = Field(20.0, gt=0, le=1e6)
+    """Work units (512×512 image-steps) per second one worker is assumed to do until real batches
+    are measured; admission's wait estimates start from it."""
+    refuse_at_target_x: float = Field(2.0, ge=1.0, le=100.0)
+    """Expected wait over a plan's target degrades a request; over this multiple of it, refuses (503)."""
+    max_worker_crashes: int = Field(3, ge=1, le=100)
+    """A job whose worker died this many times running it fails as poison (`worker_crashed`)."""
+    preview_every_steps: int = Field(5, ge=0, le=1000)
+    """Jobs followed live (`/v1/jobs/{id}/events`) get a preview image every this many steps; 0: none."""
+    job_lease_s: float = Field(30.0, ge=1.0, le=3600.0)
+    """A server renews the leases of the jobs it runs every third of this; a job whose lease lapsed
+    (its server died) is taken over and run again by a live server."""
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     """Largest request body accepted for image edits."""
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from kiln.service.plans import update_plan
-from kiln.service.runner import InlineJobRunner
+from kiln.api.state import engine_runner
 from kiln.testing import FakePipeline
 
 HEADERS = ("x-ratelimit-limit-images", "x-ratelimit-remaining-images", "x-ratelimit-reset-images")
@@ -75,9 +75,13 @@ class HeldRunner:
     """A runner that admits jobs but runs none until `release` — the seam lets tests hold jobs."""
 
     def __init__(self, state) -> None:  # type: ignore[no-untyped-def]
-        self.inner = InlineJobRunner(state.db, state.registry, state.store)
+        self.inner = engine_runner(state)
         self.held: list[str] = []
         self.waiting = threading.Event()
+        self.admit = self.inner.admit
+        self.position = self.inner.position
+        self.events = self.inner.events
+        self.last_event_id = self.inner.last_event_id
 
     async def start(self) -> None:
         await self.inner.start()

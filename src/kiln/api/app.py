@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from kiln import __version__
 from kiln.api.body_limit import BodySizeLimit
 from kiln.api.errors import install_error_handlers
-from kiln.api.routes import health, images, jobs, keys, models, usage
+from kiln.api.routes import health, images, jobs, keys, metrics, models, usage
 from kiln.api.state import AppState, RunnerFactory
 from kiln.config import Settings, load_settings
 from kiln.web import install_web
@@ -38,6 +38,7 @@ def create_app(
     app.state.kiln = state
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(models.router)
     install_web(app, state)
     app.include_router(images.router)

@@ -35,9 +35,10 @@ class _ImageOptions(BaseModel):
     moderation: Literal["low", "auto"] | None = None
     """Accepted as OpenAI does; Kiln's blocklist applies either way."""
     stream: bool | None = None
-    """Answer as server-sent events (OpenAI's `image_generation.completed` / `image_edit.completed`,
-    one per image, sent when the images are stored; no partial images yet)."""
+    """Answer as server-sent events in OpenAI's shape: `image_generation.partial_image` previews
+    (`image_edit.*` for edits), then one `…completed` per image once it is stored."""
     partial_images: int | None = Field(None, ge=0, le=3)
+    """With `stream`: how many previews to send while the image is drawn (0–3)."""
     safety_identifier: str | None = Field(None, max_length=256)
 
 
@@ -86,6 +87,9 @@ class ImagesResponse(BaseModel):
     quality: Literal["low", "medium", "high"]
     size: str
     usage: TokenUsage
+    degraded: dict | None = None
+    """Kiln's addition, only when the queue was over the plan's wait target and the job was admitted
+    with fewer steps (or a smaller size): steps_from, steps_to, size_from, size_to, expected_wait_s."""
 
 
 class ErrorDetail(BaseModel):
@@ -142,7 +146,13 @@ class JobInfo(BaseModel):
     charge_state: str
     error: ErrorDetail | None = None
     queue_position: int | None = None
+    """Queued jobs ahead of this one (0: next; 0 once running); None when finished."""
     eta_s: float | None = None
+    """Expected seconds until it starts, from the measured throughput; None when finished."""
+    attempts: int = 0
+    """Times a worker started it (a lost worker or a restart runs it again, charged once)."""
+    degraded: dict | None = None
+    """What admission changed to meet the plan's wait target (as in the Images API), or None."""
 
 
 class JobList(BaseModel):

@@ -5,27 +5,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.config import Settings
 from kiln.db.engine import make_engine, make_session_factory
+from kiln.engine import EngineMetrics, build_local_engine
 from kiln.service import content_credentials
 from kiln.service.clock import Clock, SystemClock
 from kiln.service.moderation import Moderation
 from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
-from kiln.service.runner import InlineJobRunner, JobRunner
+from kiln.service.engine_runner import EngineJobRunner
+from kiln.service.runner import JobRunner
 from kiln.service.storage import ImageStore
 from kiln.worker.registry import ModelRegistry
 
 RunnerFactory = Callable[["AppState"], JobRunner]
-"""Builds the job runner from the rest of the state (the engine plugs in here)."""
+"""Builds the job runner from the rest of the state (tests wrap the default one here)."""
 
 
-def inline_runner(state: AppState) -> JobRunner:
-    # One job at a time: the registry's pipelines are shared objects, not safe to call from two threads.
-    return InlineJobRunner(state.db, state.registry, state.store, concurrency=1)
+def engine_runner(state: AppState) -> EngineJobRunner:
+    """The scheduler over local worker processes: every job runs through the engine."""
+    engine, executor = build_local_engine(state.settings, metrics=state.metrics)
+    return EngineJobRunner(state.db, state.store, state.plans, engine, executor,
+                           lease_s=state.settings.job_lease_s)
 
 
 @dataclass
@@ -41,6 +46,9 @@ class AppState:
     plans: PlanCache = field(default=None)  # type: ignore[assignment]
     moderation: Moderation = field(default=None)  # type: ignore[assignment]
     runner: JobRunner = field(default=None)  # type: ignore[assignment]
+    metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    """The engine's Prometheus series (`GET /metrics`); never the process-global registry."""
+    metrics: EngineMetrics = field(default=None)  # type: ignore[assignment]
 
     @classmethod
     def build(
@@ -62,7 +70,8 @@ class AppState:
             plans=PlanCache(db, settings.live_settings_poll_s),
             moderation=Moderation(settings.moderation_blocklist),
         )
-        state.runner = (runner_factory or inline_runner)(state)
+        state.metrics = EngineMetrics(state.metrics_registry)
+        state.runner = (runner_factory or engine_runner)(state)
         return state
 
     async def start(self) -> None:

@@ -54,6 +54,13 @@ class EngineConfig:
         values: dict[str, Any] = {
             "max_batch_images": settings.max_batch_size,
             "max_batch_wait_s": settings.max_batch_wait_s,
+            "preemption": settings.preemption,
+            "bound_batch_images": settings.bound_batch_images,
+            "max_preemptions": settings.max_preemptions,
+            "plan_max_running_images": dict(settings.plan_max_running_images),
+            "throughput_prior_units_per_s": settings.throughput_prior_units_per_s,
+            "refuse_at_target_x": settings.refuse_at_target_x,
+            "max_worker_crashes": settings.max_worker_crashes,
         }
         values.update(overrides)
         return cls(**values)

@@ -73,6 +73,10 @@ class JobView:
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     image_ids: tuple[str, ...] = ()
+    plan_name: str = ""
+    attempts: int = 0
+    degraded: dict[str, Any] | None = None
+    """What admission changed to meet the plan's wait target (steps_from/to, size_from/to), or None."""
 
     @property
     def terminal(self) -> bool:
@@ -117,7 +121,8 @@ def _view(job: Job, image_ids: tuple[str, ...] = ()) -> JobView:
         guidance_scale=job.guidance_scale, seed=job.seed, params=dict(job.params or {}),
         charge_state=job.charge_state, charge_units=job.charge_units, error_code=job.error_code,
         error_message=job.error_message, created_at=job.created_at, started_at=job.started_at,
-        finished_at=job.finished_at, image_ids=image_ids,
+        finished_at=job.finished_at, image_ids=image_ids, plan_name=job.plan_name,
+        attempts=job.attempts or 0, degraded=job.degraded,
     )
 
 
@@ -141,9 +146,11 @@ def create_job(
     idempotency_key: str | None = None,
     request_hash: str | None = None,
     uploads: dict[str, bytes] | None = None,
+    degraded: dict[str, Any] | None = None,
 ) -> Admission:
     """Admit a job atomically: idempotency, the plan's limits and the quota reservation are checked and
-    the job row inserted in one write transaction, so any number of servers agree.
+    the job row inserted in one write transaction, so any number of servers agree. `degraded` records
+    what admission changed to meet the plan's wait target.
 
     Raises InvalidRequest (n > max_n), IdempotencyMismatch, QuotaExceeded or RateLimited.
     """
@@ -194,7 +201,7 @@ def create_job(
                 model=spec.model, prompt=spec.prompt, n=spec.n, width=spec.width, height=spec.height,
                 steps=spec.steps, guidance_scale=spec.guidance_scale, seed=spec.seed, params=params,
                 charge_units=spec.n, charge_day=day, charge_state="reserved",
-                idempotency_key=idempotency_key, request_hash=request_hash,
+                idempotency_key=idempotency_key, request_hash=request_hash, degraded=degraded,
             )
             session.add(job)
             session.flush()
@@ -214,6 +221,13 @@ def get_job(db: sessionmaker[Session], job_id: str, user_id: str | None = None) 
     return view
 
 
+def find_idempotent(db: sessionmaker[Session], user_id: str, idempotency_key: str) -> JobView | None:
+    """The user's job made with this Idempotency-Key, if any (a retry is answered, never re-admitted)."""
+    with db() as session:
+        job = session.scalar(select(Job).where(Job.user_id == user_id, Job.idempotency_key == idempotency_key))
+        return None if job is None else _view(job, _image_ids(session, job.id))
+
+
 def list_jobs(db: sessionmaker[Session], user_id: str, limit: int = 20) -> list[JobView]:
     with db() as session:
         jobs = session.scalars(
@@ -222,16 +236,28 @@ def list_jobs(db: sessionmaker[Session], user_id: str, limit: int = 20) -> list[
         return [_view(job, _image_ids(session, job.id)) for job in jobs]
 
 
-def mark_running(db: sessionmaker[Session], job_id: str) -> JobView | None:
-    """Claim a queued job for execution; None if it is no longer queued (cancelled, claimed)."""
+def mark_running(db: sessionmaker[Session], job_id: str, attempt: int | None = None) -> JobView | None:
+    """A queued job starts (its `attempt`-th start; default: one more); None if it is no longer queued."""
     with write_transaction(db) as session:
         claimed = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "queued")
-            .values(status="running", started_at=utcnow(), attempts=Job.attempts + 1)
+            .values(status="running", started_at=utcnow(),
+                    attempts=Job.attempts + 1 if attempt is None else attempt)
             .execution_options(**_NO_SYNC)
         ).rowcount
         return _load(session, job_id) if claimed == 1 else None
+
+
+def requeue_job(db: sessionmaker[Session], job_id: str) -> bool:
+    """A running job goes back to the queue (its worker died, it was preempted); its charge stays."""
+    with write_transaction(db) as session:
+        return session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "running")
+            .values(status="queued")
+            .execution_options(**_NO_SYNC)
+        ).rowcount == 1
 
 
 def complete_job(
@@ -333,18 +359,51 @@ def renew_leases(db: sessionmaker[Session], worker_id: str, until: dt.datetime) 
         ).rowcount
 
 
-def reap_abandoned(db: sessionmaker[Session], now: dt.datetime) -> list[str]:
-    """Fail and refund unfinished jobs whose holder stopped renewing its lease (a killed process),
-    so neither their charge nor the plan's concurrency slot stays taken. Jobs without a lease are
-    left to whoever admitted them."""
+def adopt_orphans(
+    db: sessionmaker[Session], worker_id: str, until: dt.datetime, now: dt.datetime, grace_s: float
+) -> list[JobView]:
+    """Take over unfinished jobs whose holder stopped renewing its lease (a killed or stopped server),
+    and jobs never leased that are older than `grace_s`: they are leased to `worker_id`, set back to
+    queued, and returned for it to run. Each claim is a conditional UPDATE, so of several servers
+    sweeping at once exactly one gets each job."""
+    unleased_before = now - dt.timedelta(seconds=grace_s)
+    orphaned = (Job.lease_expires_at < now) | (Job.lease_expires_at.is_(None) & (Job.created_at < unleased_before))
     with db() as session:
-        stale = list(session.scalars(
-            select(Job.id).where(Job.status.in_(ACTIVE), Job.lease_expires_at.is_not(None),
-                                 Job.lease_expires_at < now)
+        candidates = list(session.scalars(
+            select(Job.id).where(Job.status.in_(ACTIVE), orphaned).order_by(Job.created_at)
         ))
-    for job_id in stale:
-        fail_job(db, job_id, "worker_lost", "The server running this job stopped; the charge was refunded.")
-    return stale
+    claimed: list[str] = []
+    for job_id in candidates:
+        with write_transaction(db) as session:
+            if session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(ACTIVE), orphaned)
+                .values(status="queued", worker_id=worker_id, lease_expires_at=until)
+                .execution_options(**_NO_SYNC)
+            ).rowcount == 1:
+                claimed.append(job_id)
+    with db() as session:
+        return [view for job_id in claimed if (view := _load(session, job_id)) is not None]
+
+
+def release_leases(db: sessionmaker[Session], worker_id: str, now: dt.datetime) -> int:
+    """A stopping server hands its unfinished jobs back: queued again, lease lapsed, so the next
+    server to start (or any live one) adopts and runs them; their charge stays reserved."""
+    with write_transaction(db) as session:
+        return session.execute(
+            update(Job)
+            .where(Job.worker_id == worker_id, Job.status.in_(ACTIVE))
+            .values(status="queued", lease_expires_at=now - dt.timedelta(seconds=1))
+            .execution_options(**_NO_SYNC)
+        ).rowcount
+
+
+def finished_among(db: sessionmaker[Session], job_ids: list[str]) -> list[str]:
+    """Those of `job_ids` that are finished in the database (e.g. cancelled through another server)."""
+    if not job_ids:
+        return []
+    with db() as session:
+        return list(session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.status.in_(TERMINAL))))
 
 
 def get_image(db: sessionmaker[Session], image_id: str, user_id: str) -> ImageView:

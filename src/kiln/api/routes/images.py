@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
@@ -18,11 +19,12 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from kiln.api.admission import admit_job, degraded_header
 from kiln.api.deps import CurrentAccount, State
 from kiln.api.ratelimit import current_usage
 from kiln.api.schemas import ERRORS, EditRequest, GenerationRequest, ImageInfo, ImagesResponse
 from kiln.api.state import AppState
-from kiln.errors import GenerationFailed, InvalidRequest, KilnError, Overloaded, RetryLater
+from kiln.errors import GenerationFailed, InvalidRequest, KilnError, Overloaded
 from kiln.service import image_requests as ir
 from kiln.service import content_credentials, jobs, provenance
 from kiln.service.accounts import Account
@@ -56,6 +58,13 @@ def _spec(state: AppState, body: GenerationRequest | EditRequest, kind: str, tas
     )
 
 
+def partial_every(steps: int, partial_images: int | None) -> int:
+    """Preview interval that yields `partial_images` previews spread over the steps (0: none)."""
+    if not partial_images:
+        return 0
+    return max(1, math.ceil(steps / (partial_images + 1)))
+
+
 async def _admit_and_wait(
     state: AppState,
     request: Request,
@@ -67,36 +76,42 @@ async def _admit_and_wait(
     digest: str,
     uploads: dict[str, bytes] | None = None,
 ) -> ImagesResponse | StreamingResponse:
-    state.moderation.check(spec.prompt)  # before anything is reserved
-    plan = await asyncio.to_thread(state.plans.get, account.plan_name)
-    try:
-        admission = await asyncio.to_thread(
-            jobs.create_job, state.db, state.store, account=account, plan=plan, spec=spec,
-            now=state.clock.now(), idempotency_key=idempotency_key, request_hash=digest, uploads=uploads,
-        )
-    except RetryLater as exc:
-        exc.headers = (await current_usage(state, account))[1]  # type: ignore[attr-defined]
-        raise
+    """A synchronous generation is a job the request waits on (or, with `stream`, follows)."""
+    if body.stream:
+        spec.params["preview_every"] = partial_every(spec.steps, body.partial_images)
+    admission = await admit_job(state, account, spec, idempotency_key=idempotency_key, digest=digest,
+                                uploads=uploads)
     job = admission.job
-    if admission.created:
-        await state.runner.submit(job.id)
+    kind = "image_edit" if uploads is not None else "image_generation"
+    if body.stream:
+        headers = {**(await current_usage(state, account))[1], **degraded_header(job.degraded)}
+        return StreamingResponse(_stream(state, request, account, job, body, kind), media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache"})
     outcome = await state.runner.wait(job.id, SYNC_WAIT_S)
     if not outcome.finished:
         await asyncio.to_thread(jobs.cancel_job, state.db, job.id, None)
         await state.runner.cancel(job.id)
         raise Overloaded("The image took too long to generate; your quota was refunded.", retry_after_s=30)
     if outcome.status != "succeeded":
-        reason = "was cancelled" if outcome.status == "cancelled" else "failed"
-        raise GenerationFailed(
-            f"The image generation {reason} ({outcome.error_code or outcome.status}); "
-            "your quota was refunded."
-        )
-    limits = (await current_usage(state, account))[1]
-    response.headers.update(limits)
+        raise _failure(outcome.status, outcome.error_code)
+    response.headers.update((await current_usage(state, account))[1])
+    response.headers.update(degraded_header(job.degraded))
+    return await _result(state, request, account, job, body, outcome.image_ids)
+
+
+def _failure(status: str, code: str | None) -> GenerationFailed:
+    reason = "was cancelled" if status == "cancelled" else "failed"
+    return GenerationFailed(f"The image generation {reason} ({code or status}); your quota was refunded.")
+
+
+async def _result(
+    state: AppState, request: Request, account: Account, job: jobs.JobView,
+    body: GenerationRequest | EditRequest, image_ids: tuple[str, ...],
+) -> ImagesResponse:
     response_format = "b64_json" if body.stream else body.response_format or "b64_json"
     base = state.settings.public_base_url or str(request.base_url).rstrip("/")
     data = []
-    for image_id in outcome.image_ids:
+    for image_id in image_ids:
         item: dict[str, Any] = {"id": image_id}
         if response_format == "url":
             item["url"] = f"{base.rstrip('/')}/v1/images/{image_id}/content"
@@ -105,31 +120,51 @@ async def _admit_and_wait(
             content = await asyncio.to_thread(state.store.read, image.path)
             item["b64_json"] = base64.b64encode(content).decode()
         data.append(item)
-    result = ImagesResponse(
+    inputs = len((job.params.get("inputs") or {}).keys() - {"mask"})
+    return ImagesResponse(
         id=job.id,
         created=int(job.created_at.timestamp()),
         data=data,
-        output_format=spec.params["output_format"],
-        quality=spec.params["quality"],
-        size=f"{spec.width}x{spec.height}",
-        usage=ir.token_usage(spec.prompt, spec.n, spec.width, spec.height, int(uploads is not None)),
+        output_format=job.params.get("output_format", "png"),
+        quality=job.params.get("quality", "high"),
+        size=f"{job.width}x{job.height}",
+        usage=ir.token_usage(job.prompt, job.n, job.width, job.height, inputs),
+        degraded=job.degraded,
     )
-    if body.stream:
-        kind = "image_edit" if uploads is not None else "image_generation"
-        return StreamingResponse(_events(result, kind), media_type="text/event-stream", headers=limits)
-    return result
 
 
-def _events(result: ImagesResponse, kind: str) -> Iterator[str]:
-    """OpenAI's streaming shape: one `<kind>.completed` event per image."""
+def _sse(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _stream(
+    state: AppState, request: Request, account: Account, job: jobs.JobView,
+    body: GenerationRequest | EditRequest, kind: str,
+) -> AsyncIterator[str]:
+    """OpenAI's streaming shape: up to `partial_images` `<kind>.partial_image` events from the step
+    previews, then one `<kind>.completed` per image once stored (or an `error` event)."""
+    common = {"created_at": int(job.created_at.timestamp()), "background": "opaque",
+              "output_format": job.params.get("output_format", "png"),
+              "quality": job.params.get("quality", "high"), "size": f"{job.width}x{job.height}"}
+    partials = 0
+    async for event in state.runner.events(job.id):
+        preview = event.data.get("preview") if event.name == "progress" else None
+        if preview and partials < (body.partial_images or 0):
+            yield _sse(f"{kind}.partial_image", {"type": f"{kind}.partial_image", "job_id": job.id,
+                                                 "b64_json": preview, "partial_image_index": partials,
+                                                 **common, "output_format": "png"})
+            partials += 1
+    view = await asyncio.to_thread(jobs.get_job, state.db, job.id)
+    if view.status != "succeeded":
+        error = _failure(view.status, view.error_code)
+        yield _sse("error", {"type": "error", "error": {"message": error.message, "type": error.error_type,
+                                                        "code": error.code, "param": None}})
+        return
+    result = await _result(state, request, account, job, body, view.image_ids)
     for item in result.data:
-        event = {
-            "type": f"{kind}.completed", "id": item.id, "job_id": result.id, "b64_json": item.b64_json,
-            "created_at": result.created, "background": result.background,
-            "output_format": result.output_format, "quality": result.quality, "size": result.size,
-            "usage": result.usage.model_dump(),
-        }
-        yield f"event: {kind}.completed\ndata: {json.dumps(event)}\n\n"
+        yield _sse(f"{kind}.completed", {"type": f"{kind}.completed", "id": item.id, "job_id": result.id,
+                                         "b64_json": item.b64_json, **common,
+                                         "usage": result.usage.model_dump()})
 
 
 _STREAM = {200: {"content": {"text/event-stream": {}},

@@ -1,57 +1,62 @@
-"""Kiln's jobs: submit without waiting, look up, list and cancel your own (404 for anyone else's)."""
+"""Kiln's jobs: submit without waiting, look up with a live queue position, follow as server-sent
+events (resumable with Last-Event-ID), list and cancel your own (404 for anyone else's)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import StreamingResponse
 
+from kiln.api.admission import admit_job, degraded_header
 from kiln.api.deps import CurrentAccount, State
-from kiln.api.ratelimit import current_usage
 from kiln.api.routes.images import _spec
 from kiln.api.schemas import ERRORS, ErrorDetail, GenerationRequest, JobInfo, JobList
-from kiln.errors import RetryLater
+from kiln.api.state import AppState
 from kiln.service import jobs
+from kiln.service.runner import JobEvent
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
+SSE_HEARTBEAT_S = 15.0
 
 
-def job_info(view: jobs.JobView) -> JobInfo:
+def job_info(view: jobs.JobView, state: AppState | None = None) -> JobInfo:
     error = None
     if view.error_code:
         error = ErrorDetail(message=view.error_message or "", type="server_error", code=view.error_code)
+    position, eta_s = (None, None)
+    if state is not None and not view.terminal:
+        position, eta_s = state.runner.position(view.id)
     return JobInfo(
         id=view.id, status=view.status, kind=view.kind, model=view.model, n=view.n,  # type: ignore[arg-type]
         size=f"{view.width}x{view.height}", created=int(view.created_at.timestamp()),
         finished=int(view.finished_at.timestamp()) if view.finished_at else None,
         image_ids=list(view.image_ids), charge_state=view.charge_state, error=error,
+        queue_position=position, eta_s=eta_s, attempts=view.attempts, degraded=view.degraded,
     )
 
 
-@router.post("/jobs", response_model=JobInfo, status_code=202, responses=ERRORS)
+@router.post("/jobs", response_model=JobInfo, response_model_exclude_none=True, status_code=202,
+             responses=ERRORS)
 async def submit_job(
     body: GenerationRequest,
+    response: Response,
     state: State,
     account: CurrentAccount,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> JobInfo:
-    """Admit a generation and return at once; poll GET /v1/jobs/{id}."""
+    """Admit a generation and return at once with its queue position and expected wait; follow it at
+    GET /v1/jobs/{id}/events or poll GET /v1/jobs/{id}."""
     spec = _spec(state, body, "generate", "generate")
-    state.moderation.check(spec.prompt)
+    spec.params["preview_every"] = state.settings.preview_every_steps
     digest = jobs.request_hash({"endpoint": "generations", **body.model_dump(exclude_none=True)})
-    plan = await asyncio.to_thread(state.plans.get, account.plan_name)
-    try:
-        admission = await asyncio.to_thread(
-            jobs.create_job, state.db, state.store, account=account, plan=plan, spec=spec,
-            now=state.clock.now(), idempotency_key=idempotency_key, request_hash=digest,
-        )
-    except RetryLater as exc:
-        exc.headers = (await current_usage(state, account))[1]  # type: ignore[attr-defined]
-        raise
-    if admission.created:
-        await state.runner.submit(admission.job.id)
-    return job_info(admission.job)
+    admission = await admit_job(state, account, spec, idempotency_key=idempotency_key, digest=digest)
+    response.headers.update(degraded_header(admission.job.degraded))
+    view = await asyncio.to_thread(jobs.get_job, state.db, admission.job.id)
+    return job_info(view, state)
 
 
 @router.get("/jobs", response_model=JobList, responses=ERRORS)
@@ -59,17 +64,60 @@ async def list_jobs(
     state: State, account: CurrentAccount, limit: Annotated[int, Query(ge=1, le=100)] = 20
 ) -> JobList:
     views = await asyncio.to_thread(jobs.list_jobs, state.db, account.user_id, limit)
-    return JobList(data=[job_info(v) for v in views])
+    return JobList(data=[job_info(v, state) for v in views])
 
 
 @router.get("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)
 async def get_job(job_id: str, state: State, account: CurrentAccount) -> JobInfo:
-    return job_info(await asyncio.to_thread(jobs.get_job, state.db, job_id, account.user_id))
+    return job_info(await asyncio.to_thread(jobs.get_job, state.db, job_id, account.user_id), state)
 
 
 @router.delete("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)
 async def cancel_job(job_id: str, state: State, account: CurrentAccount) -> JobInfo:
-    """Cancel a queued or running job; its charge is refunded once."""
+    """Cancel a queued (it never runs) or running job (it stops at the next step); refunded once."""
     view = await asyncio.to_thread(jobs.cancel_job, state.db, job_id, account.user_id)
     await state.runner.cancel(job_id)
     return job_info(view)
+
+
+@router.get("/jobs/{job_id}/events", responses={
+    200: {"content": {"text/event-stream": {}}, "description": "The job's events as they happen."},
+    204: {"description": "The job is finished and the client has seen its last event."}, **ERRORS})
+async def job_events(
+    job_id: str,
+    state: State,
+    account: CurrentAccount,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response:
+    """Server-sent events: queued, position, started, requeued, progress (with a base64 PNG preview
+    now and then), then one of completed (the stored images' ids), failed or cancelled. Each event has
+    an id; reconnecting with Last-Event-ID resumes after it."""
+    view = await asyncio.to_thread(jobs.get_job, state.db, job_id, account.user_id)  # 404 if not yours
+    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    last = state.runner.last_event_id(job_id)
+    if view.terminal and last is not None and after >= last:
+        return Response(status_code=204)  # tells EventSource to stop reconnecting
+    return StreamingResponse(_sse(state.runner.events(job_id, after)), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _sse(events: AsyncIterator[JobEvent]) -> AsyncIterator[str]:
+    yield "retry: 1000\n\n"
+    iterator = aiter(events)
+    pending: asyncio.Future[JobEvent] | None = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(anext(iterator))
+            done, _ = await asyncio.wait({pending}, timeout=SSE_HEARTBEAT_S)
+            if not done:
+                yield ": keep-alive\n\n"  # proxies close quiet connections
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield f"id: {event.id}\nevent: {event.name}\ndata: {json.dumps(event.data)}\n\n"
+    finally:
+        if pending is not None:
+            pending.cancel()

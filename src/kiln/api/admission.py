@@ -1,0 +1,69 @@
+"""The create path shared by the Images API and the Jobs API: moderation, the engine's admission
+(accept · degrade · 503), then the atomic quota reservation and job row, then the runner.
+
+Admission comes first and reads only in-memory counters, so a flood is refused in milliseconds
+without reserving anything or touching a GPU. Every refusal is counted by plan and reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from kiln.api.ratelimit import current_usage
+from kiln.api.state import AppState
+from kiln.errors import Overloaded, RetryLater
+from kiln.service import jobs
+from kiln.service.accounts import Account
+from kiln.service.engine_runner import degradation_record
+
+DEGRADED_HEADER = "x-kiln-degraded"
+
+
+async def admit_job(
+    state: AppState,
+    account: Account,
+    spec: jobs.JobSpec,
+    *,
+    idempotency_key: str | None,
+    digest: str,
+    uploads: dict[str, bytes] | None = None,
+) -> jobs.Admission:
+    """Admit and submit a job (or find the earlier one for a repeated Idempotency-Key).
+
+    Raises Overloaded (503), QuotaExceeded / RateLimited (429) with the x-ratelimit headers attached.
+    """
+    state.moderation.check(spec.prompt)  # before anything is reserved
+    plan = await asyncio.to_thread(state.plans.get, account.plan_name)
+    degraded = None
+    try:
+        earlier = None
+        if idempotency_key is not None:
+            earlier = await asyncio.to_thread(jobs.find_idempotent, state.db, account.user_id, idempotency_key)
+        if earlier is None:  # a retry of an admitted job is answered whatever the queue looks like
+            admitted = state.runner.admit(account.user_id, plan, spec)
+            if admitted.degraded is not None:
+                key = admitted.request.key
+                spec = dataclasses.replace(spec, steps=key.steps, width=key.width, height=key.height)
+                degraded = degradation_record(admitted)
+        admission = await asyncio.to_thread(
+            jobs.create_job, state.db, state.store, account=account, plan=plan, spec=spec,
+            now=state.clock.now(), idempotency_key=idempotency_key, request_hash=digest, uploads=uploads,
+            degraded=degraded,
+        )
+    except RetryLater as exc:
+        if not isinstance(exc, Overloaded):  # the engine counts its own refusals
+            state.metrics.refused(plan.name, exc.code or "refused")
+        exc.headers = (await current_usage(state, account))[1]  # type: ignore[attr-defined]
+        raise
+    if admission.created:
+        await state.runner.submit(admission.job.id)
+    return admission
+
+
+def degraded_header(degraded: dict | None) -> dict[str, str]:
+    """`x-kiln-degraded: steps=30->15; size=1024x1024->1024x1024` when admission degraded the job."""
+    if not degraded:
+        return {}
+    return {DEGRADED_HEADER: f"steps={degraded['steps_from']}->{degraded['steps_to']}; "
+                             f"size={degraded['size_from']}->{degraded['size_to']}"}
