@@ -428,7 +428,7 @@ function initAdmin() {
     const b = snapshots[i];
     let j = i - 1;
     while (j > 0 && b.time - snapshots[j - 1].time <= RATE_WINDOW_S) j--;
-    if (j < 0) return null;
+    if (j < 0 || b.time - snapshots[j].time < RATE_WINDOW_S / 2) return null;  // too short to say
     const a = snapshots[j];
     const va = get(a), vb = get(b);
     if (va === undefined || vb === undefined || va === null || vb === null) return null;
