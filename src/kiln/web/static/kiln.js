@@ -282,6 +282,13 @@ function initChat() {
   }
 
   async function submitEdit(el, text, source, seed) {
+    // An async edit job (followed live like any other) where POST /v1/jobs takes `image_id`;
+    // otherwise OpenAI's edits endpoint, which answers once the picture is done.
+    const body = { prompt: text, n: 1, image_id: source };
+    if (seed !== undefined) body.seed = seed;
+    const job = await api("POST", "/v1/jobs", body);
+    if (job.ok) return { ...job, id: job.data.id };
+    if (!(job.status === 400 && job.data?.error?.param === "image_id")) return job;
     const original = await fetch(`/v1/images/${source}/content`, { credentials: "same-origin" });
     if (!original.ok) return { ok: false, status: original.status, data: null };
     const form = new FormData();
