@@ -144,5 +144,8 @@ def test_the_chat_fits_a_375_px_phone_without_horizontal_scroll(open_page: Any, 
         page.wait_for_load_state("load")
         assert page.evaluate("document.documentElement.scrollWidth") <= 375, path
     page.goto("/")
+    expect(page.locator("#sidebar .new-chat")).not_to_be_in_viewport()
     page.click(".sidebar-toggle")
     expect(page.locator("#sidebar .new-chat")).to_be_in_viewport()
+    page.click("#thread", position={"x": 340, "y": 300})
+    expect(page.locator("#sidebar .new-chat")).not_to_be_in_viewport()

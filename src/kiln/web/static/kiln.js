@@ -48,10 +48,13 @@ function initChat() {
   const relaxPlan = chat.dataset.relax === "true";  // past the quota, this plan waits in the slow lane
   const inSlowLane = () => Boolean(usage && usage.remaining === 0 && (usage.relax || relaxPlan));
 
-  $(".sidebar-toggle")?.addEventListener("click", (event) => {
-    const open = document.body.classList.toggle("sidebar-open");
-    event.currentTarget.setAttribute("aria-expanded", String(open));
-  });
+  const toggle = $(".sidebar-toggle");
+  const showSidebar = (open) => {
+    document.body.classList.toggle("sidebar-open", open);
+    toggle?.setAttribute("aria-expanded", String(open));
+  };
+  toggle?.addEventListener("click", () => showSidebar(!document.body.classList.contains("sidebar-open")));
+  $(".thread-pane").addEventListener("click", () => showSidebar(false));  // a tap beside it closes it
 
   function say(text, tone = "info") {
     notice.textContent = text;
