@@ -134,6 +134,8 @@ class Server:
     base_url: str
     app: Any
     loop: asyncio.AbstractEventLoop
+    uvicorn: Any = None
+    thread: threading.Thread | None = None
 
     @property
     def state(self) -> Any:
@@ -148,9 +150,16 @@ class Server:
 
         return OpenAI(base_url=f"{self.base_url}/v1", api_key=key, max_retries=0, timeout=60)
 
-    def call(self, coro: Any) -> Any:
+    def call(self, coro: Any, timeout_s: float = 30) -> Any:
         """Run a coroutine on the server's event loop (e.g. to drive its runner) and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def stop(self) -> None:
+        """Shut the server down as `kiln serve` does on SIGTERM (lifespan shutdown included)."""
+        self.uvicorn.should_exit = True
+        assert self.thread is not None
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the server did not stop"
 
 
 @pytest.fixture
@@ -183,7 +192,7 @@ def start_server() -> Iterator[Callable[..., Server]]:
                 raise RuntimeError("the test server failed to start")
             threading.Event().wait(0.01)
         host, port = sock.getsockname()
-        return Server(f"http://{host}:{port}", app, loops[0])
+        return Server(f"http://{host}:{port}", app, loops[0], server, thread)
 
     yield start
     for server, thread in running:

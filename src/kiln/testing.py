@@ -21,6 +21,21 @@ class _Output:
     images: list[Image.Image]
 
 
+class _FakeVae:
+    """Decodes the fake's latents as they are: they already hold the picture, in [-1, 1]."""
+
+    class config:  # noqa: N801 - diffusers' attribute name
+        scaling_factor = 1.0
+
+    def decode(self, latents: Any) -> Any:
+        return _Decoded(latents)
+
+
+@dataclass
+class _Decoded:
+    sample: Any
+
+
 def prompt_colour(prompt: str, seed: int) -> tuple[int, int, int]:
     """The colour the fake draws for a prompt and seed: deterministic, so tests can check it."""
     digest = hashlib.sha256(f"{prompt}|{seed}".encode()).digest()
@@ -33,7 +48,8 @@ class FakePipeline:
     Failure hooks for tests: a prompt containing `fail_marker` raises RuntimeError; one containing
     `oom_marker` raises an out-of-memory error; one containing `crash_marker` kills the process
     (os._exit), as a segfaulting CUDA kernel would. When `crash_once_dir` is set, a crash prompt kills
-    the process only the first time (a marker file remembers it).
+    the process only the first time (a marker file remembers it). Its step callback gets `latents`
+    (8×8, fading in the final colour) that its `vae` decodes, so step previews work as with diffusers.
     """
 
     fail_marker = "[[fail]]"
@@ -46,6 +62,7 @@ class FakePipeline:
         self.crash_once_dir = crash_once_dir
         self._interrupt = False
         self.calls: list[dict[str, Any]] = []
+        self.vae = _FakeVae()
 
     @property
     def interrupt(self) -> bool:
@@ -80,7 +97,8 @@ class FakePipeline:
             if self.step_s:
                 time.sleep(self.step_s)
             if callback_on_step_end is not None:
-                callback_on_step_end(self, step, 1000 - step, {})
+                callback_on_step_end(self, step, 1000 - step, {"latents": _latents(prompt, generator, step,
+                                                                                    num_inference_steps)})
         images = [
             Image.new("RGB", (width, height), prompt_colour(text, gen.initial_seed()))
             for text, gen in zip(prompt, generator, strict=True)
@@ -103,5 +121,18 @@ class FakePipeline:
             os._exit(137)
 
 
-def load_fake_pipeline(info: Any, step_s: float = 0.0, crash_once_dir: str = "") -> FakePipeline:
+def _latents(prompt: list[str], generator: list[Any], step: int, steps: int) -> Any:
+    import torch
+
+    share = (step + 1) / steps
+    colours = [prompt_colour(text, gen.initial_seed()) for text, gen in zip(prompt, generator, strict=True)]
+    values = torch.tensor(colours, dtype=torch.float32) * share / 127.5 - 1.0
+    return values[:, :, None, None].expand(-1, -1, 8, 8)
+
+
+def load_fake_pipeline(info: Any, step_s: float = 0.0, crash_once_dir: str = "", hold_until: str = "") -> FakePipeline:
+    """`hold_until`: a path; loading waits until it exists, so a worker stays not ready and every job
+    stays queued until a test creates the file."""
+    while hold_until and not Path(hold_until).exists():
+        time.sleep(0.02)
     return FakePipeline(step_s=float(step_s), crash_once_dir=str(crash_once_dir))

@@ -78,7 +78,7 @@ class HeldRunner:
         self.inner = engine_runner(state)
         self.held: list[str] = []
         self.waiting = threading.Event()
-        self.admit = self.inner.admit
+        self.admitting = self.inner.admitting
         self.position = self.inner.position
         self.events = self.inner.events
         self.last_event_id = self.inner.last_event_id

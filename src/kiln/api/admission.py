@@ -16,6 +16,7 @@ from kiln.errors import Overloaded, RetryLater
 from kiln.service import jobs
 from kiln.service.accounts import Account
 from kiln.service.engine_runner import degradation_record
+from kiln.service.plans import PlanLimits
 
 DEGRADED_HEADER = "x-kiln-degraded"
 
@@ -35,27 +36,34 @@ async def admit_job(
     """
     state.moderation.check(spec.prompt)  # before anything is reserved
     plan = await asyncio.to_thread(state.plans.get, account.plan_name)
-    degraded = None
     try:
         earlier = None
         if idempotency_key is not None:
             earlier = await asyncio.to_thread(jobs.find_idempotent, state.db, account.user_id, idempotency_key)
-        if earlier is None:  # a retry of an admitted job is answered whatever the queue looks like
-            admitted = state.runner.admit(account.user_id, plan, spec)
-            if admitted.degraded is not None:
+        if earlier is not None:  # a retry of an admitted job is answered whatever the queue looks like
+            return await _create(state, account, plan, spec, idempotency_key, digest, uploads, None)
+        with state.runner.admitting(account.user_id, plan, spec) as admitted:
+            degraded = degradation_record(admitted)
+            if degraded is not None:
                 key = admitted.request.key
                 spec = dataclasses.replace(spec, steps=key.steps, width=key.width, height=key.height)
-                degraded = degradation_record(admitted)
-        admission = await asyncio.to_thread(
-            jobs.create_job, state.db, state.store, account=account, plan=plan, spec=spec,
-            now=state.clock.now(), idempotency_key=idempotency_key, request_hash=digest, uploads=uploads,
-            degraded=degraded,
-        )
+            return await _create(state, account, plan, spec, idempotency_key, digest, uploads, degraded)
     except RetryLater as exc:
         if not isinstance(exc, Overloaded):  # the engine counts its own refusals
             state.metrics.refused(plan.name, exc.code or "refused")
         exc.headers = (await current_usage(state, account))[1]  # type: ignore[attr-defined]
         raise
+
+
+async def _create(
+    state: AppState, account: Account, plan: PlanLimits, spec: jobs.JobSpec, idempotency_key: str | None,
+    digest: str, uploads: dict[str, bytes] | None, degraded: dict | None,
+) -> jobs.Admission:
+    admission = await asyncio.to_thread(
+        jobs.create_job, state.db, state.store, account=account, plan=plan, spec=spec,
+        now=state.clock.now(), idempotency_key=idempotency_key, request_hash=digest, uploads=uploads,
+        degraded=degraded,
+    )
     if admission.created:
         await state.runner.submit(admission.job.id)
     return admission

@@ -97,6 +97,14 @@ class EngineCore:
             self.metrics.degraded(request.plan)
         return admitted
 
+    def hold(self, request: EngineRequest) -> None:
+        """Count an admitted request as queued work before it is added, so admissions racing in
+        while its job is being created see it; `unhold` it once it is added (or was not created)."""
+        self.stats.add(request.plan, request.user_id, request.units, request.relax)
+
+    def unhold(self, request: EngineRequest) -> None:
+        self.stats.remove(request.plan, request.user_id, request.units, request.relax)
+
     def add_request(self, request: EngineRequest) -> bool:
         """Queue a job; False (and nothing happens) if this job id is already known or finished."""
         if request.job_id in self._item_of or request.job_id in self._finished:

@@ -66,6 +66,13 @@ class AsyncEngine:
         """Accept (possibly degraded) or raise `kiln.errors.Overloaded`; changes nothing."""
         return self.core.admit(request)
 
+    def hold(self, request: EngineRequest) -> None:
+        """Count an admitted request as queued until `unhold` (while the service creates its job)."""
+        self.core.hold(request)
+
+    def unhold(self, request: EngineRequest) -> None:
+        self.core.unhold(request)
+
     def add_request(self, request: EngineRequest) -> bool:
         """Queue a job (idempotent by job id: False if already known)."""
         added = self.core.add_request(request)

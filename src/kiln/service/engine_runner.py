@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -18,7 +19,7 @@ import socket
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,10 +160,18 @@ class EngineJobRunner:
 
     # ---- the JobRunner interface
 
-    def admit(self, user_id: str, plan: PlanLimits, spec: jobs.JobSpec) -> Admitted:
-        """The engine's admission for a request about to be created: maybe degraded; raises
-        Overloaded (503) beyond the plan's wait target. Reads counters only: milliseconds."""
-        return self.engine.admit(engine_request("admission", user_id, plan, spec))
+    @contextlib.contextmanager
+    def admitting(self, user_id: str, plan: PlanLimits, spec: jobs.JobSpec) -> Iterator[Admitted]:
+        """The engine's admission for a request about to become a job: maybe degraded; raises
+        Overloaded (503) beyond the plan's wait target. Reads counters only: milliseconds. Until the
+        block ends (create and submit the job inside it) its work counts as queued, so a flood
+        arriving at once is judged as the queue it will be, not as the empty queue it was."""
+        admitted = self.engine.admit(engine_request("admission", user_id, plan, spec))
+        self.engine.hold(admitted.request)
+        try:
+            yield admitted
+        finally:
+            self.engine.unhold(admitted.request)
 
     async def submit(self, job_id: str) -> None:
         await asyncio.to_thread(jobs.lease_jobs, self.db, [job_id], self.worker_id, self._lease_until())

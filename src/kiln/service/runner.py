@@ -1,9 +1,9 @@
 """The seam between the HTTP API and whatever executes jobs.
 
-Routes speak only to a `JobRunner`: `admit` a request (the engine's wait estimate: maybe degraded,
-maybe Overloaded), `submit` a job that `jobs.create_job` admitted, follow its `events`, `wait` for its
-outcome, `cancel` it. A runner must end every job it starts through `complete_job`, `fail_job` or
-`cancel_job`, so the quota ledger stays exact whatever happens in the pipeline.
+Routes speak only to a `JobRunner`: admit a request (`admitting`: the engine's wait estimate, maybe
+degraded, maybe Overloaded), `submit` the job that `jobs.create_job` then made, follow its `events`,
+`wait` for its outcome, `cancel` it. A runner must end every job it starts through `complete_job`,
+`fail_job` or `cancel_job`, so the quota ledger stays exact whatever happens in the pipeline.
 `kiln.service.engine_runner.EngineJobRunner` is the one Kiln serves with.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol
 
 from kiln.engine import Admitted
 from kiln.service import jobs
@@ -67,8 +67,9 @@ class JobRunner(Protocol):
 
     async def stop(self) -> None: ...
 
-    def admit(self, user_id: str, plan: PlanLimits, spec: jobs.JobSpec) -> Admitted:
-        """Before anything is reserved: accept, accept degraded, or raise Overloaded."""
+    def admitting(self, user_id: str, plan: PlanLimits, spec: jobs.JobSpec) -> ContextManager[Admitted]:
+        """Before anything is reserved: accept, accept degraded, or raise Overloaded. The admitted
+        work counts as queued until the block (which creates and submits the job) ends."""
         ...
 
     async def submit(self, job_id: str) -> None:
