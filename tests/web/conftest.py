@@ -34,11 +34,19 @@ def database_url(tmp_path: Path) -> str:
 def settings(database_url: str, tmp_path: Path) -> Settings:
     """The fake pipeline drawing 12 steps of 50 ms each: slow enough to watch, fast enough to test."""
     (tmp_path / "model").mkdir(exist_ok=True)
-    fake = ModelSpec(path=tmp_path / "model", loader="kiln.testing:load_fake_pipeline", native_size=64,
-                     steps=12, options={"step_s": 0.05})
+    fake = ModelSpec(
+        path=tmp_path / "model",
+        loader="kiln.testing:load_fake_pipeline",
+        native_size=64,
+        steps=12,
+        options={"step_s": 0.05},
+    )
     return load_settings(
-        database_url=database_url, data_dir=tmp_path, images_dir=tmp_path / "images",
-        models={"fake": fake}, default_model="fake",
+        database_url=database_url,
+        data_dir=tmp_path,
+        images_dir=tmp_path / "images",
+        models={"fake": fake},
+        default_model="fake",
         model_aliases={"gpt-image-1": "fake", "dall-e-3": "fake", "dall-e-2": "fake"},
         live_settings_poll_s=0.5,
     )
@@ -88,8 +96,9 @@ def open_page(browser: Any, web: Any) -> Iterator[Callable[..., Any]]:
     contexts: list[Any] = []
 
     def open_(person: Person | None = None, width: int = 1280, height: int = 800) -> Any:
-        context = browser.new_context(viewport={"width": width, "height": height}, base_url=web.base_url,
-                                      device_scale_factor=1)
+        context = browser.new_context(
+            viewport={"width": width, "height": height}, base_url=web.base_url, device_scale_factor=1
+        )
         context.set_default_timeout(15_000)
         contexts.append(context)
         page = context.new_page()

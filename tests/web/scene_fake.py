@@ -12,9 +12,16 @@ from PIL import Image, ImageDraw
 from kiln.testing import FakePipeline, prompt_colour
 
 COLOURS = {
-    "red": (214, 54, 48), "orange": (240, 140, 40), "yellow": (240, 204, 60), "green": (60, 156, 90),
-    "blue": (46, 94, 196), "purple": (124, 74, 170), "white": (240, 236, 228), "black": (34, 30, 28),
-    "pink": (232, 128, 160), "teal": (40, 150, 150),
+    "red": (214, 54, 48),
+    "orange": (240, 140, 40),
+    "yellow": (240, 204, 60),
+    "green": (60, 156, 90),
+    "blue": (46, 94, 196),
+    "purple": (124, 74, 170),
+    "white": (240, 236, 228),
+    "black": (34, 30, 28),
+    "pink": (232, 128, 160),
+    "teal": (40, 150, 150),
 }
 
 
@@ -41,8 +48,10 @@ def draw(prompt: str, seed: int, width: int, height: int, base: Image.Image | No
     if "square" in words:
         pen.rounded_rectangle(box, radius=radius * 0.08, fill=shape_colour)
     elif "triangle" in words:
-        pen.polygon([(cx, cy - radius), (cx + radius, cy + radius * 0.8), (cx - radius, cy + radius * 0.8)],
-                    fill=shape_colour)
+        pen.polygon(
+            [(cx, cy - radius), (cx + radius, cy + radius * 0.8), (cx - radius, cy + radius * 0.8)],
+            fill=shape_colour,
+        )
     else:
         pen.ellipse(box, fill=shape_colour)
     return image.resize((width, height), Image.Resampling.LANCZOS)
@@ -52,11 +61,20 @@ class SceneFake(FakePipeline):
     def derive(self, task: str) -> SceneFake:
         return SceneFake(self.step_s, task, self.crash_once_dir)
 
-    def __call__(self, prompt: list[str], num_inference_steps: int, generator: list[Any],
-                 callback_on_step_end: Any = None, height: int = 64, width: int = 64,
-                 image: list[Image.Image] | None = None, **kwargs: Any) -> Any:
-        out = super().__call__(prompt, num_inference_steps, generator, callback_on_step_end, height, width,
-                               image, **kwargs)
+    def __call__(
+        self,
+        prompt: list[str],
+        num_inference_steps: int,
+        generator: list[Any],
+        callback_on_step_end: Any = None,
+        height: int = 64,
+        width: int = 64,
+        image: list[Image.Image] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        out = super().__call__(
+            prompt, num_inference_steps, generator, callback_on_step_end, height, width, image, **kwargs
+        )
         out.images = [
             draw(text, gen.initial_seed(), *made.size, image[i] if image else None)
             for i, (text, gen, made) in enumerate(zip(prompt, generator, out.images, strict=True))

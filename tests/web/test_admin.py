@@ -20,7 +20,9 @@ def test_admin_is_a_404_to_everyone_else(open_page: Any, people: Any) -> None:
     assert anonymous.goto("/admin").status == 404
 
 
-def test_raising_the_free_plan_changes_the_chat_users_meter_within_seconds(open_page: Any, people: Any) -> None:
+def test_raising_the_free_plan_changes_the_chat_users_meter_within_seconds(
+    open_page: Any, people: Any
+) -> None:
     chat = open_page(people("cal"))
     message = send(chat, "a small blue square")
     expect(message.locator("img.image")).to_be_visible()
@@ -32,8 +34,9 @@ def test_raising_the_free_plan_changes_the_chat_users_meter_within_seconds(open_
     admin.click("#plan-free button[type=submit]")
     expect(admin.locator("#plan-free .saved")).to_have_text("Saved")
     # the chat polls its usage; the plan cache re-reads plans every live_settings_poll_s
-    expect(chat.locator("#usage .meter-text")).to_have_text(re.compile(r"^9 of 10 images left today"),
-                                                           timeout=15_000)
+    expect(chat.locator("#usage .meter-text")).to_have_text(
+        re.compile(r"^9 of 10 images left today"), timeout=15_000
+    )
     admin.reload()
     expect(admin.locator("input[aria-label='free images per day']")).to_have_value("10")
 

@@ -42,17 +42,23 @@ def test_a_sentence_becomes_an_image_with_its_progress_first(open_page: Any, peo
     assert any(re.search(r"line|Drawing", text) for text in seen), seen
     if any(getattr(r, "path", "") == "/v1/jobs/{job_id}/events" for r in web.app.routes):
         assert any(re.fullmatch(r"Drawing · step \d+ of 12", text) for text in seen), seen
-    expect(message.locator("a.download")).to_have_attribute("href", re.compile(r"^/v1/images/img_\w+/content$"))
+    expect(message.locator("a.download")).to_have_attribute(
+        "href", re.compile(r"^/v1/images/img_\w+/content$")
+    )
     expect(page.locator("#usage .meter-text")).to_have_text(re.compile(r"2 of 3 images left today"))
     # the conversation is kept: it has a URL, is listed at the side and survives a reload
     expect(page).to_have_url(re.compile(r"/c/conv_\w+$"))
-    expect(page.locator(".conversations a[aria-current=page]")).to_have_text("a lighthouse on a cliff at dusk")
+    expect(page.locator(".conversations a[aria-current=page]")).to_have_text(
+        "a lighthouse on a cliff at dusk"
+    )
     page.reload()
     expect(page.locator("#thread .msg img.image")).to_be_visible()
     assert page.js_errors == []
 
 
-def test_a_follow_up_edits_the_last_image_and_again_uses_another_seed(open_page: Any, people: Any, web: Any) -> None:
+def test_a_follow_up_edits_the_last_image_and_again_uses_another_seed(
+    open_page: Any, people: Any, web: Any
+) -> None:
     page = open_page(people("bea", plan="plus"))
     first = send(page, "a red circle on a blue background")
     expect(first.locator("img.image")).to_be_visible()
@@ -97,7 +103,9 @@ def test_the_fourth_free_image_is_refused_with_the_time_to_come_back(open_page: 
     page.fill("#prompt", "one picture too many")
     page.press("#prompt", "Enter")
     notice = page.locator("#notice")
-    expect(notice).to_have_text(re.compile(r"You have used all 3 images for today\. Come back in \d+ (h|min|s)"))
+    expect(notice).to_have_text(
+        re.compile(r"You have used all 3 images for today\. Come back in \d+ (h|min|s)")
+    )
     expect(page.locator("#thread .msg")).to_have_count(0)
     expect(page.locator("#prompt")).to_have_value("one picture too many")  # nothing typed is lost
 

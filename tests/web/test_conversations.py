@@ -29,8 +29,18 @@ def factory(empty_database_url: str) -> Iterator[Any]:
 
 def job_for(factory: Any, user_id: str, status: str = "queued") -> str:
     with factory.begin() as session:
-        job = Job(user_id=user_id, plan_name="free", status=status, model="fake", prompt="p", width=64,
-                  height=64, steps=4, guidance_scale=1.0, seed=1)
+        job = Job(
+            user_id=user_id,
+            plan_name="free",
+            status=status,
+            model="fake",
+            prompt="p",
+            width=64,
+            height=64,
+            steps=4,
+            guidance_scale=1.0,
+            seed=1,
+        )
         session.add(job)
         session.flush()
         return job.id
@@ -50,7 +60,9 @@ def test_conversations_belong_to_their_owner(factory: Any) -> None:
     with pytest.raises(NotFound):
         conversations.thread(factory, bob.user_id, chat.id)
     with pytest.raises(NotFound):  # nor can one post into it, or attach someone else's job
-        conversations.add_message(factory, bob.user_id, chat.id, text="hi", job_id=job_for(factory, bob.user_id))
+        conversations.add_message(
+            factory, bob.user_id, chat.id, text="hi", job_id=job_for(factory, bob.user_id)
+        )
     mine = conversations.create_conversation(factory, bob.user_id, "mine")
     with pytest.raises(NotFound):
         conversations.add_message(factory, bob.user_id, mine.id, text="hi", job_id=job)

@@ -34,8 +34,10 @@ def test_events_show_the_place_in_line_then_progress_with_a_preview(open_page: A
         ("progress", {"step": 6, "total": 12, "preview": tiny_png()}),
     )
     # the stream ends without an outcome, so the page catches up from GET /v1/jobs/{id} (the real one)
-    page.route(re.compile(r".*/v1/jobs/[^/]+/events$"),
-               lambda route: route.fulfill(status=200, body=stream, headers={"Content-Type": "text/event-stream"}))
+    page.route(
+        re.compile(r".*/v1/jobs/[^/]+/events$"),
+        lambda route: route.fulfill(status=200, body=stream, headers={"Content-Type": "text/event-stream"}),
+    )
     page.evaluate(WATCH_STATES)
     message = send(page, "a purple circle")
     expect(message.locator("img.image")).to_be_visible()
@@ -49,12 +51,22 @@ def test_events_show_the_place_in_line_then_progress_with_a_preview(open_page: A
 
 def test_an_overloaded_server_says_when_to_come_back(open_page: Any, people: Any) -> None:
     page = open_page(people("bo"))
-    error = {"error": {"message": "busy", "type": "server_error", "param": None, "code": "server_is_overloaded"}}
-    page.route("**/v1/jobs", lambda route: route.fulfill(
-        status=503, body=json.dumps(error), headers={"Content-Type": "application/json", "Retry-After": "40"}))
+    error = {
+        "error": {"message": "busy", "type": "server_error", "param": None, "code": "server_is_overloaded"}
+    }
+    page.route(
+        "**/v1/jobs",
+        lambda route: route.fulfill(
+            status=503,
+            body=json.dumps(error),
+            headers={"Content-Type": "application/json", "Retry-After": "40"},
+        ),
+    )
     page.fill("#prompt", "a busy picture")
     page.press("#prompt", "Enter")
-    expect(page.locator("#notice")).to_have_text(re.compile(r"^Kiln is very busy right now\. Come back in 40 s"))
+    expect(page.locator("#notice")).to_have_text(
+        re.compile(r"^Kiln is very busy right now\. Come back in 40 s")
+    )
     expect(page.locator("#thread .msg")).to_have_count(0)
 
 
@@ -65,14 +77,24 @@ def test_relax_mode_users_see_they_are_in_the_slow_lane(open_page: Any, people: 
     page = open_page(people("cy"))
     expect(send(page, "my one picture").locator("img.image")).to_be_visible()
     expect(page.locator("#usage .meter-text")).to_have_text(
-        re.compile(r"^No images left today: you are in the slow lane · resets in"))
+        re.compile(r"^No images left today: you are in the slow lane · resets in")
+    )
     # past the quota, a relax plan's job is admitted into the idle-only queue
     job = {"id": "job_relaxed", "status": "queued", "relax": True, "queue_position": 5, "eta_s": 600}
-    page.route("**/v1/jobs", lambda route: route.fulfill(status=202, body=json.dumps(job),
-                                                        headers={"Content-Type": "application/json"}))
-    page.route(re.compile(r".*/v1/jobs/job_relaxed(/events)?$"), lambda route: route.fulfill(
-        status=200, body=sse(("queued", {"queue_position": 5, "eta_s": 600})),
-        headers={"Content-Type": "text/event-stream"}))
+    page.route(
+        "**/v1/jobs",
+        lambda route: route.fulfill(
+            status=202, body=json.dumps(job), headers={"Content-Type": "application/json"}
+        ),
+    )
+    page.route(
+        re.compile(r".*/v1/jobs/job_relaxed(/events)?$"),
+        lambda route: route.fulfill(
+            status=200,
+            body=sse(("queued", {"queue_position": 5, "eta_s": 600})),
+            headers={"Content-Type": "text/event-stream"},
+        ),
+    )
     page.click("a.new-chat")
     page.wait_for_selector(".hello")
     message = send(page, "one more, whenever")

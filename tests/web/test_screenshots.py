@@ -1,7 +1,8 @@
 """Screenshots for the README: the chat on a desktop and on a phone, and the dashboard under load.
 
 `make screenshots` (KILN_UPDATE_SCREENSHOTS=1) writes them to docs/ (chat-desktop.png, chat-phone.png,
-admin.png); an ordinary run takes them into a temporary folder, so tests leave the work tree alone. The pictures come from `scene_fake`, which draws what the prompt names.
+admin.png); an ordinary run takes them into a temporary folder, so tests leave the work tree alone.
+The pictures come from `scene_fake`, which draws what the prompt names.
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ from kiln.service import accounts
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     model = settings.models["fake"]
-    scene = ModelSpec(path=model.path, loader="scene_fake:load_scene_fake", native_size=256, steps=12,
-                      options={"step_s": 0.05})
+    scene = ModelSpec(
+        path=model.path,
+        loader="scene_fake:load_scene_fake",
+        native_size=256,
+        steps=12,
+        options={"step_s": 0.05},
+    )
     return settings.model_copy(update={"models": {"fake": scene}})
 
 
@@ -36,12 +42,17 @@ def submit_bursts(base_url: str, keys: list[str], stop: threading.Event) -> None
     with httpx.Client(base_url=base_url, timeout=30) as client:
         while not stop.is_set():
             for i, key in enumerate(keys * 2):
-                client.post("/v1/jobs", json={"prompt": prompts[i % 3], "size": "256x256"},
-                            headers={"Authorization": f"Bearer {key}"})
+                client.post(
+                    "/v1/jobs",
+                    json={"prompt": prompts[i % 3], "size": "256x256"},
+                    headers={"Authorization": f"Bearer {key}"},
+                )
             stop.wait(6)
 
 
-def test_screenshots_of_the_chat_and_the_dashboard(open_page: Any, people: Any, web: Any, tmp_path: Path) -> None:
+def test_screenshots_of_the_chat_and_the_dashboard(
+    open_page: Any, people: Any, web: Any, tmp_path: Path
+) -> None:
     out = DOCS if os.environ.get("KILN_UPDATE_SCREENSHOTS") else tmp_path
     out.mkdir(exist_ok=True)
     sam = people("sam", plan="plus")
@@ -77,8 +88,9 @@ def test_screenshots_of_the_chat_and_the_dashboard(open_page: Any, people: Any, 
     try:
         # twenty seconds of history for the picture; a few polls are enough to check the page
         polls = 40 if out == DOCS else 6
-        admin.wait_for_function("(n) => Number(document.body.dataset.statsPolls || 0) >= n", arg=polls,
-                                timeout=60_000)
+        admin.wait_for_function(
+            "(n) => Number(document.body.dataset.statsPolls || 0) >= n", arg=polls, timeout=60_000
+        )
     finally:
         stop.set()
         load.join(30)

@@ -31,7 +31,9 @@ def engine_like_registry() -> CollectorRegistry:
 
 def test_engine_metrics_are_read_into_the_snapshot(db: Any) -> None:
     registry = engine_like_registry()
-    app = SimpleNamespace(state=SimpleNamespace(kiln=SimpleNamespace(db=db, metrics=SimpleNamespace(registry=registry))))
+    app = SimpleNamespace(
+        state=SimpleNamespace(kiln=SimpleNamespace(db=db, metrics=SimpleNamespace(registry=registry)))
+    )
     assert stats.find_registry(app) is registry  # type: ignore[arg-type]
     snapshot = stats.snapshot(app)  # type: ignore[arg-type]
     assert snapshot["queue_depth"] == {"free": 7}
@@ -43,7 +45,9 @@ def test_engine_metrics_are_read_into_the_snapshot(db: Any) -> None:
 
 
 def test_without_metrics_the_database_answers_and_the_rest_is_absent(db: Any) -> None:
-    app = SimpleNamespace(state=SimpleNamespace(kiln=SimpleNamespace(db=db), metrics_registry=CollectorRegistry()))
+    app = SimpleNamespace(
+        state=SimpleNamespace(kiln=SimpleNamespace(db=db), metrics_registry=CollectorRegistry())
+    )
     snapshot = stats.snapshot(app)  # type: ignore[arg-type]
     assert snapshot["queue_depth"] == {} and snapshot["images_total"] == 0
     assert snapshot["refusals_total"] == {} and snapshot["gpus"] == []

@@ -58,8 +58,15 @@ def _dashboard(request: Request, account: Account, status_code: int = 200, **ext
     db = request.app.state.kiln.db
     flash = request.session.pop("flash", None)
     return page(
-        request, "admin.html", status_code=status_code, account=account, plans=plans.list_plans(db),
-        users=accounts.list_users(db), keys=accounts.list_keys(db)[::-1], flash=flash, **extra,
+        request,
+        "admin.html",
+        status_code=status_code,
+        account=account,
+        plans=plans.list_plans(db),
+        users=accounts.list_users(db),
+        keys=accounts.list_keys(db)[::-1],
+        flash=flash,
+        **extra,
     )
 
 
@@ -95,9 +102,14 @@ async def update_plan(
     wants_json = "application/json" in request.headers.get("accept", "")
     try:
         limits = plans.update_plan(
-            request.app.state.kiln.db, name, images_per_day=_optional_int(images_per_day, "images_per_day"),
-            priority_weight=priority_weight, max_concurrent=max_concurrent, max_n=max_n,
-            wait_target_s=wait_target_s, relax_mode=relax_mode,
+            request.app.state.kiln.db,
+            name,
+            images_per_day=_optional_int(images_per_day, "images_per_day"),
+            priority_weight=priority_weight,
+            max_concurrent=max_concurrent,
+            max_n=max_n,
+            wait_target_s=wait_target_s,
+            relax_mode=relax_mode,
         )
     except (KilnError, ValueError) as exc:
         message = getattr(exc, "message", None) or _first_error(exc)
@@ -133,7 +145,11 @@ async def create_user(
 ) -> Response:
     try:
         await run_in_threadpool(
-            accounts.create_user, request.app.state.kiln.db, name.strip(), plan, is_admin=is_admin,
+            accounts.create_user,
+            request.app.state.kiln.db,
+            name.strip(),
+            plan,
+            is_admin=is_admin,
             password=password or None,
         )
     except KilnError as exc:

@@ -55,7 +55,11 @@ async def _chat(request: Request, conversation_id: str | None) -> Response:
             return not_found_page(request, account)
         messages = conversations.thread(db, account.user_id, conversation_id)
     return page(
-        request, "chat.html", account=account, current=current, messages=messages,
+        request,
+        "chat.html",
+        account=account,
+        current=current,
+        messages=messages,
         conversations=conversations.list_conversations(db, account.user_id),
         relax=plans.get_plan(db, account.plan_name).relax_mode,
     )
@@ -81,8 +85,13 @@ async def new_conversation(request: Request, account: SignedIn, body: NewConvers
 @router.post("/web/api/conversations/{conversation_id}/messages", status_code=201)
 async def new_message(request: Request, account: SignedIn, conversation_id: str, body: NewMessage) -> dict:
     view = conversations.add_message(
-        request.app.state.kiln.db, account.user_id, conversation_id, text=body.text, job_id=body.job_id,
-        kind=body.kind, source_image_id=body.source_image_id,
+        request.app.state.kiln.db,
+        account.user_id,
+        conversation_id,
+        text=body.text,
+        job_id=body.job_id,
+        kind=body.kind,
+        source_image_id=body.source_image_id,
     )
     return {"id": view.id, "job_id": view.job_id, "status": view.status}
 
@@ -102,14 +111,17 @@ def _keys(request: Request, account: Account, **extra: object) -> Response:
 
 @router.post("/keys")
 async def create_key(
-    request: Request, label: Annotated[str, Form(max_length=128)] = "", csrf_token: Annotated[str, Form()] = ""
+    request: Request,
+    label: Annotated[str, Form(max_length=128)] = "",
+    csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     check_csrf(request, csrf_token)
     account = session_user(request)
     if account is None:
         return to_login(request)
-    key, _ = await run_in_threadpool(accounts.create_key, request.app.state.kiln.db, account.name,
-                                     label.strip() or None)
+    key, _ = await run_in_threadpool(
+        accounts.create_key, request.app.state.kiln.db, account.name, label.strip() or None
+    )
     return _keys(request, account, new_key=key)  # rendered, never stored: shown exactly once
 
 

@@ -60,7 +60,9 @@ def _owned(session: Session, user_id: str, conversation_id: str) -> Conversation
     return conversation
 
 
-def list_conversations(factory: sessionmaker[Session], user_id: str, limit: int = 100) -> list[ConversationInfo]:
+def list_conversations(
+    factory: sessionmaker[Session], user_id: str, limit: int = 100
+) -> list[ConversationInfo]:
     with factory() as session:
         rows = session.scalars(
             select(Conversation)
@@ -111,7 +113,10 @@ def add_message(
             if image is None or image.user_id != user_id:
                 raise NotFound("No such image.", param="source_image_id")
         message = Message(
-            conversation_id=conversation.id, text=text, kind=kind, source_image_id=source_image_id,
+            conversation_id=conversation.id,
+            text=text,
+            kind=kind,
+            source_image_id=source_image_id,
             job_id=job.id,
         )
         session.add(message)

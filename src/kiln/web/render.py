@@ -20,7 +20,9 @@ templates = Jinja2Templates(directory=str(WEB_DIR / "templates"))
 
 
 def _fingerprints() -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:10] for p in STATIC_DIR.iterdir() if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:10] for p in STATIC_DIR.iterdir() if p.is_file()
+    }
 
 
 _FINGERPRINTS = _fingerprints()
@@ -46,11 +48,19 @@ SECURITY_HEADERS = {
 }
 
 
-def page(request: Request, template: str, status_code: int = 200, headers: dict[str, str] | None = None,
-         **context: Any) -> HTMLResponse:
+def page(
+    request: Request,
+    template: str,
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
+    **context: Any,
+) -> HTMLResponse:
     context.setdefault("account", None)
     return templates.TemplateResponse(
-        request, template, {"csrf_token": csrf_token(request), **context}, status_code=status_code,
+        request,
+        template,
+        {"csrf_token": csrf_token(request), **context},
+        status_code=status_code,
         headers={**SECURITY_HEADERS, **(headers or {})},
     )
 

@@ -36,15 +36,21 @@ async def login(
     keys = (f"name:{username.strip().lower()}", f"addr:{request.client.host if request.client else '?'}")
     wait_s = throttle.retry_after_s(*keys)
     if wait_s > 0:
-        return page(request, "login.html", status_code=429, username=username,
-                    error=f"Too many wrong passwords. Try again in {math.ceil(wait_s / 60)} min.",
-                    headers={"Retry-After": str(math.ceil(wait_s))})
+        return page(
+            request,
+            "login.html",
+            status_code=429,
+            username=username,
+            error=f"Too many wrong passwords. Try again in {math.ceil(wait_s / 60)} min.",
+            headers={"Retry-After": str(math.ceil(wait_s))},
+        )
     db = request.app.state.kiln.db
     account = await run_in_threadpool(verify_password, db, username.strip(), password)  # argon2: slow
     if account is None:
         throttle.failed(*keys)
-        return page(request, "login.html", status_code=401, error="Wrong name or password.",
-                    username=username)
+        return page(
+            request, "login.html", status_code=401, error="Wrong name or password.", username=username
+        )
     throttle.succeeded(keys[0])
     sign_in(request, account)
     return RedirectResponse("/", status_code=303)

@@ -43,7 +43,7 @@ def snapshot(app: FastAPI) -> dict[str, Any]:
     return {
         "time": time.time(),
         "queue_depth": metrics["queue_depth"] or db["queue_depth"],
-        "images_total": metrics["images_total"] if metrics["images_total"] is not None else db["images_total"],
+        "images_total": db["images_total"] if metrics["images_total"] is None else metrics["images_total"],
         "images_per_s": metrics["images_per_s"],
         "wait_s": db["wait_s"] or metrics["wait_s"],
         "refusals_total": metrics["refusals_total"],
@@ -71,7 +71,9 @@ def _read_metrics(registry: CollectorRegistry) -> dict[str, Any]:
         name = family.name
         if not name.startswith("kiln"):
             continue
-        if "queue_depth" in name or (family.type == "gauge" and name.endswith(("queue_length", "queued_jobs"))):
+        if "queue_depth" in name or (
+            family.type == "gauge" and name.endswith(("queue_length", "queued_jobs"))
+        ):
             for s in family.samples:
                 queue[_label(s.labels, "plan")] += s.value
         elif family.type == "gauge" and "images_per_second" in name:
@@ -89,7 +91,9 @@ def _read_metrics(registry: CollectorRegistry) -> dict[str, Any]:
         elif "gpu" in name and ("temp" in name or "util" in name):
             key = "temperature_c" if "temp" in name else "utilization"
             for s in family.samples:
-                value = s.value * 100 if key == "utilization" and s.value <= 1.0 and "ratio" in name else s.value
+                value = (
+                    s.value * 100 if key == "utilization" and s.value <= 1.0 and "ratio" in name else s.value
+                )
                 gpus[_label(s.labels, "gpu", "device", "index")][key] = value
         else:
             continue
@@ -131,9 +135,11 @@ def _percentile(values: list[float], q: float) -> float:
 def _read_db(factory: sessionmaker[Session]) -> dict[str, Any]:
     since = utcnow() - dt.timedelta(seconds=WAIT_WINDOW_S)
     with factory() as session:
-        queue = dict(session.execute(
-            select(Job.plan_name, func.count()).where(Job.status == "queued").group_by(Job.plan_name)
-        ).all())
+        queue = dict(
+            session.execute(
+                select(Job.plan_name, func.count()).where(Job.status == "queued").group_by(Job.plan_name)
+            ).all()
+        )
         images_total = session.scalar(select(func.count()).select_from(Image)) or 0
         started = session.execute(
             select(Job.plan_name, Job.created_at, Job.started_at).where(Job.started_at >= since)
@@ -145,7 +151,11 @@ def _read_db(factory: sessionmaker[Session]) -> dict[str, Any]:
         "queue_depth": {plan: float(n) for plan, n in queue.items()},
         "images_total": float(images_total),
         "wait_s": {
-            plan: {"p50": round(_percentile(v, 0.5), 3), "p95": round(_percentile(v, 0.95), 3), "count": len(v)}
+            plan: {
+                "p50": round(_percentile(v, 0.5), 3),
+                "p95": round(_percentile(v, 0.95), 3),
+                "count": len(v),
+            }
             for plan, v in waits.items()
         },
     }

@@ -13,8 +13,13 @@ class SignInThrottle:
     """Keys are `name:…` (one account) or `addr:…` (one client address, which may be a proxy that
     many people share: hence its higher limit)."""
 
-    def __init__(self, max_failures: int = 5, window_s: float = 300.0, max_failures_per_address: int = 50,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_failures: int = 5,
+        window_s: float = 300.0,
+        max_failures_per_address: int = 50,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_failures = max_failures
         self.max_failures_per_address = max_failures_per_address
         self.window_s = window_s
