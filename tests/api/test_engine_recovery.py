@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from engine_server import engine_settings, follow, release
+from engine_server import engine_settings, follow
 from kiln.service import jobs
 from kiln.service.plans import update_plan
 from kiln.testing import FakePipeline
