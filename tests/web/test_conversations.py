@@ -73,7 +73,24 @@ def test_conversations_belong_to_their_owner(factory: Any) -> None:
     assert (message.text, message.job_id, message.image_ids) == ("a red circle", job, ())
 
 
-def test_migration_0003_goes_down_and_up(empty_database_url: str) -> None:
+def test_sessions_end_on_sign_out_expiry_and_a_new_password(factory: Any) -> None:
+    from kiln.web import session_store
+
+    ann = accounts.create_user(factory, "ann", "free", password="first password")
+    token = session_store.open_session(factory, ann.user_id, max_age_s=3600)
+    other = session_store.open_session(factory, ann.user_id, max_age_s=3600)
+    assert session_store.session_owner(factory, token) == ann
+    assert session_store.session_owner(factory, token + "x") is None
+    session_store.close_session(factory, token)
+    assert session_store.session_owner(factory, token) is None
+    assert session_store.session_owner(factory, other) == ann  # signing out ends one session only
+    accounts.set_password(factory, "ann", "second password")
+    assert session_store.session_owner(factory, other) is None
+    expired = session_store.open_session(factory, ann.user_id, max_age_s=-1)
+    assert session_store.session_owner(factory, expired) is None
+
+
+def test_the_web_migrations_go_down_and_up(empty_database_url: str) -> None:
     upgrade(empty_database_url)
-    downgrade(empty_database_url, "-1")
+    downgrade(empty_database_url, "0001")
     upgrade(empty_database_url)

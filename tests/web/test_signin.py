@@ -26,10 +26,27 @@ def test_sign_in_sets_an_httponly_samesite_cookie_and_sign_out_ends_it(open_page
     assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
     assert page.evaluate("document.cookie") == ""  # scripts cannot read it
 
+    assert page.request.get("/v1/usage").status == 200
+
     page.click("text=Sign out")
     page.wait_for_url("**/login")
     assert page.goto("/").url.endswith("/login")
     assert page.request.get("/v1/usage").status == 401
+    # the session is gone on the server too: a copy of the old cookie no longer signs anyone in
+    replay = open_page()
+    replay.context.add_cookies([cookie])
+    assert replay.request.get("/v1/usage").status == 401
+    assert replay.goto("/").url.endswith("/login")
+
+
+def test_a_new_password_ends_the_older_sessions(open_page: Any, people: Any, web: Any) -> None:
+    from kiln.service.accounts import set_password
+
+    page = open_page(people("max"))
+    assert page.request.get("/v1/usage").status == 200
+    set_password(web.state.db, "max", "a brand new password")
+    assert page.request.get("/v1/usage").status == 401
+    assert page.goto("/").url.endswith("/login")
 
 
 def test_api_keys_are_shown_once_and_revoked_from_the_page(open_page: Any, people: Any, web: Any) -> None:

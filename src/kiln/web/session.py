@@ -1,8 +1,9 @@
 """Browser sign-in: a signed, HttpOnly, SameSite session cookie and a synchroniser CSRF token.
 
-The session holds only the user's id and the CSRF token. Every state-changing call that a cookie
-authenticates must carry the token (form field `csrf_token` or header `X-CSRF-Token`); API keys
-need none, since a browser never attaches them by itself.
+The cookie holds a random session token (its row lives in the database, see `session_store`) and the
+CSRF token. Every state-changing call that a cookie authenticates must carry the CSRF token (form
+field `csrf_token` or header `X-CSRF-Token`); API keys need none, since a browser never attaches them
+by itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from kiln.config import Settings
 from kiln.errors import KilnError
-from kiln.service.accounts import Account, get_user_by_id
+from kiln.service.accounts import Account
+from kiln.web import session_store
 
 SESSION_COOKIE = "kiln_session"
 CSRF_HEADER = "x-csrf-token"
@@ -75,28 +77,35 @@ def check_csrf(request: Request, submitted: str | None) -> None:
 
 
 def sign_in(request: Request, account: Account) -> None:
-    request.session.clear()  # a fresh session and token: no fixation across the sign-in
-    request.session["uid"] = account.user_id
+    state = request.app.state.kiln
+    token = session_store.open_session(state.db, account.user_id, state.settings.session_max_age_s)
+    request.session.clear()  # a fresh session and CSRF token: no fixation across the sign-in
+    request.session["sid"] = token
     csrf_token(request)
 
 
 def sign_out(request: Request) -> None:
+    token = request.session.get("sid")
+    if token:
+        session_store.close_session(request.app.state.kiln.db, token)
     request.session.clear()
 
 
 def session_user(request: Request) -> Account | None:
     """The signed-in user, without a CSRF check: for safe methods, or after `check_csrf`."""
-    if "session" not in request.scope:
+    if "session" not in request.scope or not request.session.get("sid"):
         return None
-    user_id = request.session.get("uid")
-    return get_user_by_id(request.app.state.kiln.db, user_id) if user_id else None
+    if "kiln_web_account" not in request.scope:  # one lookup per request
+        owner = session_store.session_owner(request.app.state.kiln.db, request.session["sid"])
+        request.scope["kiln_web_account"] = owner
+    return request.scope["kiln_web_account"]
 
 
 def session_account(request: Request) -> Account | None:
     """The signed-in browser user, or None. The API's auth dependency calls this when a request
     carries no API key; for unsafe methods it raises CsrfRejected (403) unless the
     `X-CSRF-Token` header matches the session's token."""
-    if "session" not in request.scope or not request.session.get("uid"):
+    if "session" not in request.scope or not request.session.get("sid"):
         return None
     if request.method not in SAFE_METHODS:
         check_csrf(request, request.headers.get(CSRF_HEADER))
