@@ -38,7 +38,7 @@ class Section:
     def markdown(self) -> str:
         lines = [f"## {self.name}", "", self.summary, ""]
         if self.table:
-            cols = list(self.table[0])
+            cols = list(dict.fromkeys(c for row in self.table for c in row))
             lines.append("| " + " | ".join(cols) + " |")
             lines.append("|" + "---|" * len(cols))
             for row in self.table:
