@@ -87,6 +87,8 @@ function initChat() {
     meter.dataset.level = share === 0 ? "empty" : share < 0.34 ? "low" : "ok";
   }
 
+  const nearBottom = () => thread.scrollHeight - thread.scrollTop - thread.clientHeight < 240;
+
   // -- one message's live state, from its job's events
   function setState(el, text, progress) {
     $(".pending", el).hidden = false;
@@ -110,10 +112,12 @@ function initChat() {
     if (!id) return fail(el, "No image came back.");
     el.dataset.status = "succeeded";
     const img = $(".image", el);
+    const atBottom = nearBottom();
     img.onload = () => {
       img.hidden = false;
       $(".preview", el).hidden = true;
       $(".placeholder", el).hidden = true;
+      if (atBottom) thread.scrollTop = thread.scrollHeight;  // follow the newest picture, unless reading above
     };
     img.src = `/v1/images/${id}/content`;
     img.dataset.imageId = id;
