@@ -59,6 +59,7 @@ def test_a_worker_killed_mid_batch_reruns_the_job_and_charges_once(start_server,
         assert http.get("/v1/usage").json()["used"] == 1
 
 
+@sqlite_only  # the executor's tests cover the rest; once through HTTP proves the wiring
 def test_a_poison_job_fails_refunded_after_three_worker_deaths_and_the_others_run(start_server, settings,
                                                                                  tmp_path, make_user) -> None:
     server = start_server(engine_settings(settings, tmp_path, step_s=0.01))

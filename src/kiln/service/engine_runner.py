@@ -60,7 +60,11 @@ class _JobLog:
         event = JobEvent(self.next_id, name, data)
         self.next_id += 1
         if name == "progress" and self.events and self.events[-1].name == "progress":
-            self.events[-1] = event  # a replay needs the latest step, not every one
+            # a replay needs the latest step, not every one, and the latest preview seen so far
+            preview = self.events[-1].data.get("preview")
+            replayed = event if "preview" in data or preview is None else JobEvent(
+                event.id, name, {**data, "preview": preview})
+            self.events[-1] = replayed
         else:
             self.events.append(event)
         for queue in self.subscribers:
