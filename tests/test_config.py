@@ -60,3 +60,17 @@ def test_bad_settings_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         Settings()
     with pytest.raises(FileNotFoundError):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_engine_knobs_reach_the_engine_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from kiln.engine import EngineConfig
+
+    monkeypatch.setenv("KILN_PREEMPTION", "both")
+    monkeypatch.setenv("KILN_PLAN_MAX_RUNNING_IMAGES", '{"free": 4}')
+    settings = load_settings(write(tmp_path, "throughput_prior_units_per_s = 3.5\nrefuse_at_target_x = 3\n"))
+    config = EngineConfig.from_settings(settings)
+    assert config.preemption == "both" and config.plan_max_running_images == {"free": 4}
+    assert config.throughput_prior_units_per_s == 3.5 and config.refuse_at_target_x == 3.0
+    for bad in ({"preemption": "sometimes"}, {"refuse_at_target_x": 0.5}, {"job_lease_s": 0}):
+        with pytest.raises(ValidationError):
+            load_settings(**bad)

@@ -337,7 +337,7 @@ def cancel_job(db: sessionmaker[Session], job_id: str, user_id: str | None) -> J
 
 
 def lease_jobs(db: sessionmaker[Session], job_ids: list[str], worker_id: str, until: dt.datetime) -> int:
-    """Mark unfinished jobs as held by `worker_id` until `until`; a holder renews, or its jobs are reaped."""
+    """Mark unfinished jobs as held by `worker_id` until `until`; a holder renews or loses them."""
     if not job_ids:
         return 0
     with write_transaction(db) as session:
