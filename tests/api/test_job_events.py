@@ -140,3 +140,23 @@ def test_metrics_expose_the_engine_series_and_quota_refusals(start_server, setti
                    'kiln_admission_refusals_total{plan="free",reason="quota_exceeded"} 1.0'):
         assert series in text, series
     assert "kiln_gpu_temperature_celsius" not in text  # no GPU here: absent, not faked
+
+
+def test_a_relax_plan_past_its_quota_waits_in_the_slow_lane_uncharged(start_server, settings, tmp_path,
+                                                                      make_user, db) -> None:
+    update_plan(db, "free", images_per_day=1, max_concurrent=2, relax_mode=True)
+    server = start_server(engine_settings(settings, tmp_path))
+    ann = make_user()
+    with server.client(ann.key) as http:
+        first = http.post("/v1/jobs", json={"prompt": "within the quota"}).json()
+        assert first["relax"] is False
+        assert [e["event"] for e in follow(http, first["id"])][-1] == "completed"
+        relaxed = http.post("/v1/jobs", json={"prompt": "past the quota"})
+        assert relaxed.status_code == 202 and relaxed.json()["relax"] is True
+        assert [e["event"] for e in follow(http, relaxed.json()["id"])][-1] == "completed"
+        assert http.get("/v1/usage").json()["used"] == 1
+    update_plan(db, "free", relax_mode=False)
+    server.state.plans.invalidate()
+    with server.client(ann.key) as http:
+        refused = http.post("/v1/jobs", json={"prompt": "no slow lane"})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"

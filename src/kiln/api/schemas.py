@@ -153,6 +153,8 @@ class JobInfo(BaseModel):
     """Times a worker started it (a lost worker or a restart runs it again, charged once)."""
     degraded: dict | None = None
     """What admission changed to meet the plan's wait target (as in the Images API), or None."""
+    relax: bool = False
+    """Past today's quota on a plan with relax mode: uncharged, it starts when the GPUs are free."""
 
 
 class JobList(BaseModel):

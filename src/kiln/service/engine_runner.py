@@ -95,6 +95,7 @@ def engine_request(
         init_image=inputs.get("image"), mask_image=inputs.get("mask"),
         strength=float(params.get("strength", 0.75)),
         weight=plan.priority_weight, wait_target_s=plan.wait_target_s, attempts=attempts,
+        relax=getattr(job, "relax", False),
         preview_every=int(params.get("preview_every", 0)),
     )
 

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.db.engine import write_transaction
 from kiln.db.models import Image, Job, User, new_id, utcnow
-from kiln.errors import IdempotencyMismatch, InvalidRequest, NotFound, RateLimited
+from kiln.errors import IdempotencyMismatch, InvalidRequest, NotFound, QuotaExceeded, RateLimited
 from kiln.service import provenance, quota
 from kiln.service.accounts import Account
 from kiln.service.plans import PlanLimits
@@ -75,6 +75,8 @@ class JobView:
     image_ids: tuple[str, ...] = ()
     plan_name: str = ""
     attempts: int = 0
+    relax: bool = False
+    """Admitted past the quota on a relax plan: uncharged, run only when the GPUs are otherwise idle."""
     degraded: dict[str, Any] | None = None
     """What admission changed to meet the plan's wait target (steps_from/to, size_from/to), or None."""
 
@@ -122,7 +124,7 @@ def _view(job: Job, image_ids: tuple[str, ...] = ()) -> JobView:
         charge_state=job.charge_state, charge_units=job.charge_units, error_code=job.error_code,
         error_message=job.error_message, created_at=job.created_at, started_at=job.started_at,
         finished_at=job.finished_at, image_ids=image_ids, plan_name=job.plan_name,
-        attempts=job.attempts or 0, degraded=job.degraded,
+        attempts=job.attempts or 0, relax=bool(job.relax), degraded=job.degraded,
     )
 
 
@@ -152,7 +154,9 @@ def create_job(
     the job row inserted in one write transaction, so any number of servers agree. `degraded` records
     what admission changed to meet the plan's wait target.
 
-    Raises InvalidRequest (n > max_n), IdempotencyMismatch, QuotaExceeded or RateLimited.
+    Past the daily quota a plan with `relax_mode` admits the job anyway, uncharged, as relax work
+    (the engine runs it only when nothing else can run). Raises InvalidRequest (n > max_n),
+    IdempotencyMismatch, QuotaExceeded or RateLimited.
     """
     if spec.n > plan.max_n:
         raise InvalidRequest(
@@ -189,7 +193,13 @@ def create_job(
                 )
             )
             # Quota first: "used up for today" is the more useful refusal than "busy right now".
-            day = quota.reserve(session, account.user_id, spec.n, plan.images_per_day, now)
+            relax, units = False, spec.n
+            try:
+                day = quota.reserve(session, account.user_id, spec.n, plan.images_per_day, now)
+            except QuotaExceeded:
+                if not plan.relax_mode:
+                    raise
+                relax, units, day = True, 0, quota.quota_day(now)
             if (active or 0) >= plan.max_concurrent:
                 raise RateLimited(
                     f"Your plan ({plan.name}) allows {plan.max_concurrent} job(s) at once; "
@@ -200,7 +210,7 @@ def create_job(
                 id=job_id, user_id=account.user_id, plan_name=plan.name, status="queued", kind=spec.kind,
                 model=spec.model, prompt=spec.prompt, n=spec.n, width=spec.width, height=spec.height,
                 steps=spec.steps, guidance_scale=spec.guidance_scale, seed=spec.seed, params=params,
-                charge_units=spec.n, charge_day=day, charge_state="reserved",
+                charge_units=units, charge_day=day, charge_state="reserved", relax=relax,
                 idempotency_key=idempotency_key, request_hash=request_hash, degraded=degraded,
             )
             session.add(job)

@@ -36,6 +36,7 @@ def job_info(view: jobs.JobView, state: AppState | None = None) -> JobInfo:
         finished=int(view.finished_at.timestamp()) if view.finished_at else None,
         image_ids=list(view.image_ids), charge_state=view.charge_state, error=error,
         queue_position=position, eta_s=eta_s, attempts=view.attempts, degraded=view.degraded,
+        relax=view.relax,
     )
 
 
