@@ -56,6 +56,11 @@ def test_screenshots_of_the_chat_and_the_dashboard(
     out = DOCS if os.environ.get("KILN_UPDATE_SCREENSHOTS") else tmp_path
     out.mkdir(exist_ok=True)
     sam = people("sam", plan="plus")
+    root = people("root", plan="enterprise", admin=True)
+    keys = []  # made before the server is busy (see `people`)
+    for name, plan in (("ada", "enterprise"), ("bob", "plus"), ("cy", "free")):
+        accounts.create_user(web.state.db, name, plan)
+        keys.append(accounts.create_key(web.state.db, name)[0])
     page = open_page(sam)
     for earlier in ("a yellow triangle on a teal background", "a small white square on a black background"):
         expect(send(page, earlier).locator("img.image")).to_be_visible()
@@ -76,11 +81,7 @@ def test_screenshots_of_the_chat_and_the_dashboard(
     phone.wait_for_function("() => [...document.images].every((i) => i.complete)")
     phone.screenshot(path=out / "chat-phone.png")
 
-    keys = []
-    for name, plan in (("ada", "enterprise"), ("bob", "plus"), ("cy", "free")):
-        accounts.create_user(web.state.db, name, plan)
-        keys.append(accounts.create_key(web.state.db, name)[0])
-    admin = open_page(people("root", plan="enterprise", admin=True))
+    admin = open_page(root)
     admin.goto("/admin?every=0.5")
     stop = threading.Event()
     load = threading.Thread(target=submit_bursts, args=(web.base_url, keys, stop), daemon=True)
