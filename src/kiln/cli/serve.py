@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+GRACEFUL_SHUTDOWN_S = 10
+
 
 def serve(
     ctx: typer.Context,
@@ -21,4 +23,7 @@ def serve(
     settings = ctx.obj.settings(**overrides)
     ctx.obj.db()  # migrate before the first request
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+    # Event streams and synchronous generations can outlive a shutdown by minutes: give them a few
+    # seconds, then stop; unfinished jobs stay queued in the database for the next server.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

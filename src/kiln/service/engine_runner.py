@@ -244,11 +244,16 @@ class EngineJobRunner:
     async def _enqueue(self, view: jobs.JobView) -> None:
         if view.terminal or view.id in self._logs:
             return
-        plan = await asyncio.to_thread(self.plans.get, view.plan_name)
-        inputs = await asyncio.to_thread(self._inputs, view)
-        self._logs[view.id] = _JobLog()
-        request = engine_request(view.id, view.user_id, plan, view, attempts=view.attempts, inputs=inputs)
-        if not self.engine.add_request(request):  # this engine already finished it
+        self._logs[view.id] = _JobLog()  # before any await: a second submit of it is a no-op
+        try:
+            plan = await asyncio.to_thread(self.plans.get, view.plan_name)
+            inputs = await asyncio.to_thread(self._inputs, view)
+            request = engine_request(view.id, view.user_id, plan, view, attempts=view.attempts, inputs=inputs)
+            added = self.engine.add_request(request)
+        except BaseException:
+            self._logs.pop(view.id, None)
+            raise
+        if not added:  # this engine already finished it
             self._logs.pop(view.id, None)
 
     def _inputs(self, view: jobs.JobView) -> dict[str, bytes]:
