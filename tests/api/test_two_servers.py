@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -20,9 +21,8 @@ from kiln.service.quota import quota_day
 
 
 def _free_port() -> int:
-    from conftest import free_port_socket
-
-    with free_port_socket() as sock:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 

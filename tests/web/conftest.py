@@ -17,10 +17,10 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from kiln.config import ModelSpec, Settings, load_settings
+from web_helpers import sign_in
 
 CHROMIUM = os.environ.get("KILN_TEST_CHROMIUM", "/usr/bin/chromium")
 PASSWORD = "correct horse battery"
-DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 @pytest.fixture
@@ -124,12 +124,3 @@ def open_page(browser: Any, web: Any) -> Iterator[Callable[..., Any]]:
     yield open_
     for context in contexts:
         context.close()
-
-
-def sign_in(page: Any, person: Person) -> None:
-    page.goto("/login")
-    page.fill("input[name=username]", person.name)
-    page.fill("input[name=password]", person.password)
-    page.click("button[type=submit]")
-    page.wait_for_url("**/")
-    page.wait_for_selector("#composer")

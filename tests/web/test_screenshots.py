@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import DOCS
+from web_helpers import DOCS
 from playwright.sync_api import expect
 from test_chat import send
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import sign_in
+from web_helpers import sign_in
 from playwright.sync_api import expect
 
 from kiln.web.session import SESSION_COOKIE, session_secret

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from kiln.db.engine import write_transaction
 from kiln.db.models import ApiKey, Plan, User, utcnow
 from kiln.errors import AuthenticationFailed, InvalidRequest, NotFound
 
@@ -63,21 +64,22 @@ def create_user(
         raise InvalidRequest("user names are 1–64 letters, digits or . _ @ -", param="name")
     if password is not None and len(password) < 8:
         raise InvalidRequest("passwords need at least 8 characters", param="password")
-    with factory() as session:
-        if session.get(Plan, plan) is None:
-            raise NotFound(f"no plan named {plan!r}", param="plan")
-        user = User(
-            name=name,
-            plan_name=plan,
-            is_admin=is_admin,
-            password_hash=_hasher.hash(password) if password else None,
-        )
-        session.add(user)
-        try:
-            session.commit()
-        except IntegrityError:
-            raise InvalidRequest(f"a user named {name!r} already exists", param="name") from None
-        return _account(user)
+    password_hash = _hasher.hash(password) if password else None  # slow on purpose: outside the lock
+    try:
+        with write_transaction(factory) as session:
+            if session.get(Plan, plan) is None:
+                raise NotFound(f"no plan named {plan!r}", param="plan")
+            user = User(
+                name=name,
+                plan_name=plan,
+                is_admin=is_admin,
+                password_hash=password_hash,
+            )
+            session.add(user)
+            session.flush()
+            return _account(user)
+    except IntegrityError:
+        raise InvalidRequest(f"a user named {name!r} already exists", param="name") from None
 
 
 def get_user(factory: sessionmaker[Session], name: str) -> Account:
@@ -100,7 +102,7 @@ def list_users(factory: sessionmaker[Session]) -> list[Account]:
 
 
 def set_plan(factory: sessionmaker[Session], name: str, plan: str) -> Account:
-    with factory.begin() as session:
+    with write_transaction(factory) as session:
         user = session.scalar(select(User).where(User.name == name))
         if user is None:
             raise NotFound(f"no user named {name!r}", param="user")
@@ -114,11 +116,12 @@ def set_plan(factory: sessionmaker[Session], name: str, plan: str) -> Account:
 def set_password(factory: sessionmaker[Session], name: str, password: str) -> None:
     if len(password) < 8:
         raise InvalidRequest("passwords need at least 8 characters", param="password")
-    with factory.begin() as session:
+    password_hash = _hasher.hash(password)
+    with write_transaction(factory) as session:
         user = session.scalar(select(User).where(User.name == name))
         if user is None:
             raise NotFound(f"no user named {name!r}", param="user")
-        user.password_hash = _hasher.hash(password)
+        user.password_hash = password_hash
 
 
 def verify_password(factory: sessionmaker[Session], name: str, password: str) -> Account | None:
@@ -138,7 +141,7 @@ def verify_password(factory: sessionmaker[Session], name: str, password: str) ->
 def create_key(factory: sessionmaker[Session], user_name: str, label: str | None = None) -> tuple[str, KeyInfo]:
     """A new API key for `user_name`: returns the key itself (shown once) and its record."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    with factory.begin() as session:
+    with write_transaction(factory) as session:
         user = session.scalar(select(User).where(User.name == user_name))
         if user is None:
             raise NotFound(f"no user named {user_name!r}", param="user")
@@ -171,7 +174,7 @@ def revoke_key(factory: sessionmaker[Session], prefix: str, *, user_id: str | No
     """Revoke the one key whose prefix starts with `prefix` (owned by `user_id`, when given)."""
     if len(prefix) < 8:
         raise InvalidRequest("give at least 8 characters of the key", param="key")
-    with factory.begin() as session:
+    with write_transaction(factory) as session:
         query = select(ApiKey).where(ApiKey.prefix.startswith(prefix[:_DISPLAY_PREFIX_LEN], autoescape=True))
         if user_id is not None:
             query = query.where(ApiKey.user_id == user_id)

@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.config import PlanSpec
+from kiln.db.engine import write_transaction
 from kiln.db.models import Plan
 from kiln.errors import NotFound
 
@@ -39,7 +40,7 @@ class PlanLimits:
 
 def ensure_plans(factory: sessionmaker[Session], defaults: dict[str, PlanSpec]) -> None:
     """Create the configured plans that do not exist yet; never overwrite live values."""
-    with factory.begin() as session:
+    with write_transaction(factory) as session:
         existing = set(session.scalars(select(Plan.name)))
         for name, spec in defaults.items():
             if name not in existing:
@@ -65,7 +66,7 @@ UNSET = object()
 def update_plan(factory: sessionmaker[Session], name: str, **changes: object) -> PlanLimits:
     """Change a plan's live limits; fields passed as UNSET are left alone."""
     allowed = set(PlanSpec.model_fields)
-    with factory.begin() as session:
+    with write_transaction(factory) as session:
         plan = session.get(Plan, name)
         if plan is None:
             raise NotFound(f"no plan named {name!r}", param="plan")

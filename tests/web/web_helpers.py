@@ -1,0 +1,17 @@
+"""Helpers the web tests import by name (a module of its own: `conftest` is ambiguous across folders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def sign_in(page: Any, person: Any) -> None:
+    page.goto("/login")
+    page.fill("input[name=username]", person.name)
+    page.fill("input[name=password]", person.password)
+    page.click("button[type=submit]")
+    page.wait_for_url("**/")
+    page.wait_for_selector("#composer")
