@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy.exc import OperationalError
 
 from kiln.config import ModelSpec, Settings, load_settings
 from web_helpers import sign_in
@@ -71,17 +69,8 @@ def people(web: Any) -> Callable[..., Person]:
     from kiln.service import accounts
 
     def make(name: str, plan: str = "free", admin: bool = False) -> Person:
-        # accounts.create_user writes in a deferred transaction, which SQLite may refuse at once
-        # ("database is locked") while the server is writing; a person is made again, not the test failed.
-        for attempt in range(5):
-            try:
-                accounts.create_user(web.state.db, name, plan, is_admin=admin, password=PASSWORD)
-                return Person(name)
-            except OperationalError:
-                if attempt == 4:
-                    raise
-                threading.Event().wait(0.2 * (attempt + 1))
-        raise AssertionError("unreachable")
+        accounts.create_user(web.state.db, name, plan, is_admin=admin, password=PASSWORD)
+        return Person(name)
 
     return make
 
