@@ -107,6 +107,7 @@ def test_a_flood_of_free_requests_beside_a_paying_user(start_server, settings, t
     assert [(a.status_code, h.status_code) for a, h in paid_answers] == [(200, 200)] * 3
     with server.client(free.key) as http:
         assert http.get("/v1/usage").json()["used"] == statuses.count(200)  # refusals cost nothing
+        assert len(http.get("/v1/jobs", params={"limit": 100}).json()["data"]) == statuses.count(200)
         metrics = http.get("/metrics").text
     refusals = f'kiln_admission_refusals_total{{plan="free",reason="overloaded"}} {statuses.count(503)}.0'
     assert refusals in metrics
