@@ -160,3 +160,22 @@ def test_a_relax_plan_past_its_quota_waits_in_the_slow_lane_uncharged(start_serv
     with server.client(ann.key) as http:
         refused = http.post("/v1/jobs", json={"prompt": "no slow lane"})
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
+
+
+@sqlite_only
+def test_a_job_with_image_id_edits_your_own_image_and_no_one_else_s(start_server, settings, tmp_path,
+                                                                     make_user) -> None:
+    server = start_server(engine_settings(settings, tmp_path, steps=2))
+    ann, bob = make_user(plan="plus"), make_user(plan="plus")
+    with server.client(ann.key) as http, server.client(bob.key) as other:
+        first = http.post("/v1/jobs", json={"prompt": "a red circle", "seed": 1}).json()
+        image_id = events_until_end(http, first["id"])[-1]["data"]["image_ids"][0]
+
+        assert other.post("/v1/jobs", json={"prompt": "mine now", "image_id": image_id}).status_code == 404
+        edit = http.post("/v1/jobs", json={"prompt": "make it blue", "image_id": image_id, "strength": 0.5})
+        assert edit.status_code == 202, edit.text
+        assert edit.json()["kind"] == "edit"
+        assert events_until_end(http, edit.json()["id"])[-1]["event"] == "completed"
+        missing = http.post("/v1/jobs", json={"prompt": "x", "image_id": "img_nope"})
+        assert missing.status_code == 404 and missing.json()["error"]["param"] == "image_id"
+        assert http.get("/v1/usage").json()["used"] == 2  # the refused ones cost nothing

@@ -57,6 +57,15 @@ class EditRequest(_ImageOptions):
     """Kiln's extra: how far an unmasked edit may move from the input image (default 0.75)."""
 
 
+class JobRequest(GenerationRequest):
+    """POST /v1/jobs (JSON): a generation, or with `image_id` an edit of one of your own images."""
+
+    image_id: str | None = Field(None, max_length=64)
+    """Kiln's extra: edit this image of yours (img2img) instead of drawing from nothing."""
+    strength: float | None = Field(None, gt=0.0, le=1.0)
+    """With `image_id`: how far the edit may move from the image (default 0.75)."""
+
+
 class ImageData(BaseModel):
     id: str
     """Kiln's image id (GET /v1/images/{id})."""

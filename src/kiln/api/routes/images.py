@@ -49,7 +49,7 @@ def _spec(state: AppState, body: GenerationRequest | EditRequest, kind: str, tas
         "background": body.background,
         "moderation": body.moderation,
     }
-    if isinstance(body, EditRequest) and body.strength is not None:
+    if getattr(body, "strength", None) is not None:
         params["strength"] = body.strength
     return jobs.JobSpec(
         kind=kind, model=info.name, prompt=body.prompt, n=body.n or 1, width=width, height=height,

@@ -14,8 +14,9 @@ from fastapi.responses import StreamingResponse
 from kiln.api.admission import admit_job, degraded_header
 from kiln.api.deps import CurrentAccount, State
 from kiln.api.routes.images import _spec
-from kiln.api.schemas import ERRORS, ErrorDetail, GenerationRequest, JobInfo, JobList
+from kiln.api.schemas import ERRORS, ErrorDetail, JobInfo, JobList, JobRequest
 from kiln.api.state import AppState
+from kiln.service import image_requests as ir
 from kiln.service import jobs
 from kiln.service.runner import JobEvent
 
@@ -43,18 +44,26 @@ def job_info(view: jobs.JobView, state: AppState | None = None) -> JobInfo:
 @router.post("/jobs", response_model=JobInfo, response_model_exclude_none=True, status_code=202,
              responses=ERRORS)
 async def submit_job(
-    body: GenerationRequest,
+    body: JobRequest,
     response: Response,
     state: State,
     account: CurrentAccount,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> JobInfo:
     """Admit a generation and return at once with its queue position and expected wait; follow it at
-    GET /v1/jobs/{id}/events or poll GET /v1/jobs/{id}."""
-    spec = _spec(state, body, "generate", "generate")
+    GET /v1/jobs/{id}/events or poll GET /v1/jobs/{id}. With `image_id`, an edit of that image."""
+    uploads = None
+    if body.image_id is not None:
+        image = await asyncio.to_thread(jobs.get_image, state.db, body.image_id, account.user_id)  # 404
+        content = await asyncio.to_thread(state.store.read, image.path)
+        uploads = await asyncio.to_thread(ir.edit_inputs, content, None, state.settings.max_image_pixels)
+        spec = _spec(state, body, "edit", "edit")
+    else:
+        spec = _spec(state, body, "generate", "generate")
     spec.params["preview_every"] = state.settings.preview_every_steps
-    digest = jobs.request_hash({"endpoint": "generations", **body.model_dump(exclude_none=True)})
-    admission = await admit_job(state, account, spec, idempotency_key=idempotency_key, digest=digest)
+    digest = jobs.request_hash({"endpoint": "jobs", **body.model_dump(exclude_none=True)})
+    admission = await admit_job(state, account, spec, idempotency_key=idempotency_key, digest=digest,
+                                uploads=uploads)
     response.headers.update(degraded_header(admission.job.degraded))
     view = await asyncio.to_thread(jobs.get_job, state.db, admission.job.id)
     return job_info(view, state)
