@@ -14,8 +14,17 @@ from pathlib import Path
 
 import httpx
 
-from bench.harness import (REPO, Context, KilnServer, Result, Section, closed_loop, free_port, open_loop,
-                           percentile)
+from bench.harness import (
+    REPO,
+    Context,
+    KilnServer,
+    Result,
+    Section,
+    closed_loop,
+    free_port,
+    open_loop,
+    percentile,
+)
 from bench.plots import bar_plot
 
 PEER_VENV = REPO / "bench" / ".peer-venv"

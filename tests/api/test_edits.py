@@ -9,9 +9,8 @@ from urllib.parse import urlparse
 
 import openai
 import pytest
-from PIL import Image
-
 from image_fakes import bomb_png, png
+from PIL import Image
 
 
 def rgba_mask(size=(64, 64)) -> bytes:  # type: ignore[no-untyped-def]

@@ -9,8 +9,8 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from engine_server import engine_settings, follow
+
 from kiln.service import jobs
 from kiln.service.plans import update_plan
 from kiln.testing import FakePipeline

@@ -8,9 +8,9 @@ import base64
 import io
 
 import pytest
+from engine_server import engine_settings, events_until_end, follow, release
 from PIL import Image
 
-from engine_server import engine_settings, events_until_end, follow, release
 from kiln.service import jobs
 from kiln.service.plans import update_plan
 

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from kiln.service.plans import update_plan
 from kiln.api.state import engine_runner
+from kiln.service.plans import update_plan
 from kiln.testing import FakePipeline
 
 HEADERS = ("x-ratelimit-limit-images", "x-ratelimit-remaining-images", "x-ratelimit-reset-images")

@@ -7,6 +7,7 @@ import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
 
 from engine_server import engine_settings
+
 from kiln.db.models import utcnow
 from kiln.engine import EngineMetrics, build_local_engine
 from kiln.service import jobs

@@ -5,11 +5,10 @@ from __future__ import annotations
 import io
 
 import pytest
+from image_fakes import bomb_png, png
 from PIL import Image
 
 from kiln.errors import InvalidRequest
-from image_fakes import bomb_png, png
-
 from kiln.service.image_requests import edit_inputs, open_upload
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from web_helpers import sign_in
 
 from kiln.config import ModelSpec, Settings, load_settings
-from web_helpers import sign_in
 
 CHROMIUM = os.environ.get("KILN_TEST_CHROMIUM", "/usr/bin/chromium")
 PASSWORD = "correct horse battery"

@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from web_helpers import DOCS
 from playwright.sync_api import expect
 from test_chat import send
+from web_helpers import DOCS
 
 from kiln.config import ModelSpec, Settings
 from kiln.service import accounts

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from web_helpers import sign_in
 from playwright.sync_api import expect
+from web_helpers import sign_in
 
 from kiln.web.session import SESSION_COOKIE, session_secret
 

@@ -13,8 +13,8 @@ from kiln.api.errors import install_error_handlers
 from kiln.api.routes import health, images, jobs, keys, metrics, models, usage
 from kiln.api.state import AppState, RunnerFactory
 from kiln.config import Settings, load_settings
-from kiln.web import install_web
 from kiln.service.clock import Clock
+from kiln.web import install_web
 
 
 def create_app(

@@ -14,10 +14,10 @@ from kiln.db.engine import make_engine, make_session_factory
 from kiln.engine import EngineMetrics, build_local_engine
 from kiln.service import content_credentials
 from kiln.service.clock import Clock, SystemClock
+from kiln.service.engine_runner import EngineJobRunner
 from kiln.service.moderation import Moderation
 from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
-from kiln.service.engine_runner import EngineJobRunner
 from kiln.service.runner import JobRunner
 from kiln.service.storage import ImageStore
 from kiln.worker.registry import ModelRegistry

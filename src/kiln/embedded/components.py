@@ -21,7 +21,7 @@ class Sizes:
     text_hidden: int = 128
     text_layers: int = 3
     text_heads: int = 4
-    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_channels: tuple[int, ...] = (16, 32, 64)
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_heads: int = 4
 

@@ -25,8 +25,8 @@ from kiln.api.ratelimit import current_usage
 from kiln.api.schemas import ERRORS, EditRequest, GenerationRequest, ImageInfo, ImagesResponse
 from kiln.api.state import AppState
 from kiln.errors import GenerationFailed, InvalidRequest, KilnError, Overloaded
-from kiln.service import image_requests as ir
 from kiln.service import content_credentials, jobs, provenance
+from kiln.service import image_requests as ir
 from kiln.service.accounts import Account
 
 router = APIRouter(prefix="/v1", tags=["images"])
