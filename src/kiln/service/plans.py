@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.config import PlanSpec
@@ -39,12 +40,18 @@ class PlanLimits:
 
 
 def ensure_plans(factory: sessionmaker[Session], defaults: dict[str, PlanSpec]) -> None:
-    """Create the configured plans that do not exist yet; never overwrite live values."""
+    """Create the configured plans that do not exist yet; never overwrite live values.
+
+    Several servers may start at once on one database: each insert gives way to a plan that another
+    one created first (ON CONFLICT DO NOTHING), instead of failing on the primary key.
+    """
+    if not defaults:
+        return
+    rows = [{"name": name, **spec.model_dump()} for name, spec in defaults.items()]
     with write_transaction(factory) as session:
-        existing = set(session.scalars(select(Plan.name)))
-        for name, spec in defaults.items():
-            if name not in existing:
-                session.add(Plan(name=name, **spec.model_dump()))
+        dialect = session.get_bind().dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        session.execute(insert(Plan).values(rows).on_conflict_do_nothing(index_elements=["name"]))
 
 
 def list_plans(factory: sessionmaker[Session]) -> list[PlanLimits]:

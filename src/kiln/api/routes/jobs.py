@@ -61,7 +61,9 @@ async def submit_job(
     else:
         spec = _spec(state, body, "generate", "generate")
     spec.params["preview_every"] = state.settings.preview_every_steps
-    digest = jobs.request_hash({"endpoint": "jobs", **body.model_dump(exclude_none=True)})
+    # A generation's Idempotency-Key is shared with POST /v1/images/generations (same job either way).
+    endpoint = "generations" if body.image_id is None else "edits"
+    digest = jobs.request_hash({"endpoint": endpoint, **body.model_dump(exclude_none=True)})
     admission = await admit_job(state, account, spec, idempotency_key=idempotency_key, digest=digest,
                                 uploads=uploads)
     response.headers.update(degraded_header(admission.job.degraded))
