@@ -4,6 +4,7 @@ open-loop HTTP load, percentiles, and the report's sections."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import tomli_w
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = REPO / "src" / "kiln" / "embedded" / "model"
@@ -51,6 +53,14 @@ class Section:
         if self.notes:
             lines.append("")
         return "\n".join(lines)
+
+
+    def save(self, folder: Path) -> None:
+        (folder / f"{self.name}.json").write_text(json.dumps(dataclasses.asdict(self), default=str, indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> Section:
+        return cls(**json.loads(path.read_text()))
 
 
 def _fmt(value: Any) -> str:
@@ -125,22 +135,22 @@ class KilnServer:
         self.cpu = cpu
         self.threads = threads
         self.keys: dict[str, str] = {}
-        lines = [
-            f'database_url = "sqlite:///{self.dir / "kiln.db"}"',
-            f'data_dir = "{self.dir}"',
-            f'images_dir = "{self.dir / "images"}"',
-            f"torch_threads = {threads}",
-        ]
-        for key, value in settings.items():
-            lines.append(f"{key} = {json.dumps(value)}")
+        config: dict[str, Any] = {
+            "database_url": f"sqlite:///{self.dir / 'kiln.db'}",
+            "data_dir": str(self.dir),
+            "images_dir": str(self.dir / "images"),
+            "torch_threads": threads,
+            **settings,
+        }
         if fake_step_s is not None:
-            lines += ['default_model = "fake"', "[models.fake]", f'path = "{self.dir}"',
-                      'loader = "kiln.testing:load_fake_pipeline"', "native_size = 64", "steps = 8",
-                      "[models.fake.options]", f"step_s = {fake_step_s}"]
+            config["default_model"] = "fake"
+            config["models"] = {"fake": {"path": str(self.dir), "loader": "kiln.testing:load_fake_pipeline",
+                                         "native_size": 64, "steps": 8, "options": {"step_s": fake_step_s}}}
         elif model is not None:
-            lines += ['default_model = "kiln-embedded"', "[models.kiln-embedded]", f'path = "{model}"']
+            config["default_model"] = "kiln-embedded"
+            config["models"] = {"kiln-embedded": {"path": str(model)}}
         self.config = self.dir / "kiln.toml"
-        self.config.write_text("\n".join(lines) + "\n")
+        self.config.write_text(tomli_w.dumps(config))
         self.process: subprocess.Popen[bytes] | None = None
 
     def kiln(self, *args: str) -> str:

@@ -31,6 +31,9 @@ def main() -> None:
     ctx = Context(out=out, quick=args.quick, threads=args.threads, model_path=args.model.resolve())
     info = machine()
     started = time.time()
+    for name in ORDER:  # earlier runs' sections in this folder, replaced by whatever runs now
+        if (out / f"{name}.json").exists():
+            ctx.results[name] = Section.load(out / f"{name}.json")
 
     def attempt(name: str, fn) -> None:  # noqa: ANN001
         print(f"[bench] {name} …", flush=True)
@@ -43,13 +46,13 @@ def main() -> None:
             return
         for section in result if isinstance(result, tuple) else (result,):
             ctx.results[section.name] = section
+            section.save(out)
         print(f"[bench] {name} done in {time.time() - t0:.0f} s", flush=True)
 
     # saturation and batching share their runs; the later scenarios size their load from saturation.
-    needs_ceiling = wanted & {"ceiling", "saturation", "batching", "isolation", "peer"}
-    if needs_ceiling:
+    if wanted & {"ceiling", "saturation", "batching"} or "ceiling" not in ctx.results:
         attempt("ceiling", ceiling.run)
-    if wanted & {"saturation", "batching", "isolation", "peer"} and "ceiling" in ctx.results:
+    if wanted & {"saturation", "batching"} or "saturation" not in ctx.results:
         attempt("saturation", served.run)
     if "isolation" in wanted:
         attempt("isolation", isolation.run)
@@ -66,7 +69,8 @@ def main() -> None:
         *(f"| {k} | {v} |" for k, v in info.items()),
         f"| model | `{ctx.model_path.relative_to(REPO) if ctx.model_path.is_relative_to(REPO) else ctx.model_path}` |",
         f"| torch threads | {ctx.threads} |",
-        f"| mode | {'quick' if ctx.quick else 'full'} ({time.time() - started:.0f} s) |",
+        f"| mode | {'quick' if ctx.quick else 'full'} (this run: {', '.join(sorted(wanted))}, "
+        f"{time.time() - started:.0f} s) |",
         "",
         "Every ratio compares two things measured in this run, on this machine. No GPU was lent to this "
         "run" if info["gpu"] == "none" else f"GPU: {info['gpu']}.",

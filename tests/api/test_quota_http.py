@@ -80,6 +80,7 @@ class HeldRunner:
         self.waiting = threading.Event()
         self.admitting = self.inner.admitting
         self.position = self.inner.position
+        self.active_jobs = self.inner.active_jobs
         self.events = self.inner.events
         self.last_event_id = self.inner.last_event_id
 

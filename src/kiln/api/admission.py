@@ -13,7 +13,7 @@ import dataclasses
 from kiln.api.ratelimit import current_usage
 from kiln.api.state import AppState
 from kiln.errors import Overloaded, RetryLater
-from kiln.service import jobs
+from kiln.service import jobs, quota
 from kiln.service.accounts import Account
 from kiln.service.engine_runner import degradation_record
 from kiln.service.plans import PlanLimits
@@ -42,6 +42,13 @@ async def admit_job(
             earlier = await asyncio.to_thread(jobs.find_idempotent, state.db, account.user_id, idempotency_key)
         if earlier is not None:  # a retry of an admitted job is answered whatever the queue looks like
             return await _create(state, account, plan, spec, idempotency_key, digest, uploads, None)
+        if state.runner.active_jobs(account.user_id) >= plan.max_concurrent:
+            # Sure without a write (this server alone holds that many): refuse before taking the lock,
+            # with the same answer the transaction would give (the quota first).
+            usage, _ = await current_usage(state, account)
+            if usage.remaining is not None and usage.remaining < spec.n and not plan.relax_mode:
+                raise quota.quota_refusal(usage.limit, state.clock.now())
+            raise jobs.concurrency_refusal(plan)
         with state.runner.admitting(account.user_id, plan, spec) as admitted:
             degraded = degradation_record(admitted)
             if degraded is not None:

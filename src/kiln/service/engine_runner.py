@@ -137,6 +137,8 @@ class EngineJobRunner:
         self.poll_s = poll_s
         self.worker_id = f"engine-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"[:64]
         self._logs: dict[str, _JobLog] = {}
+        self._owners: dict[str, str] = {}
+        """The user of each job in `_logs`."""
         self._finished: OrderedDict[str, _JobLog] = OrderedDict()
         self._history_jobs = history_jobs
         self._pending: dict[str, deque[EngineEvent]] = {}
@@ -206,6 +208,9 @@ class EngineJobRunner:
         eta = self.engine.eta_s(job_id)
         return self.engine.queue_position(job_id), None if eta is None else round(eta, 3)
 
+    def active_jobs(self, user_id: str) -> int:
+        return sum(1 for owner in self._owners.values() if owner == user_id)
+
     async def events(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
         """The job's events with ids above `after`: replayed, then live, ending with the terminal one.
         A job this runner does not hold is followed in the database."""
@@ -245,16 +250,21 @@ class EngineJobRunner:
         if view.terminal or view.id in self._logs:
             return
         self._logs[view.id] = _JobLog()  # before any await: a second submit of it is a no-op
+        self._owners[view.id] = view.user_id
         try:
             plan = await asyncio.to_thread(self.plans.get, view.plan_name)
             inputs = await asyncio.to_thread(self._inputs, view)
             request = engine_request(view.id, view.user_id, plan, view, attempts=view.attempts, inputs=inputs)
             added = self.engine.add_request(request)
         except BaseException:
-            self._logs.pop(view.id, None)
+            self._forget(view.id)
             raise
         if not added:  # this engine already finished it
-            self._logs.pop(view.id, None)
+            self._forget(view.id)
+
+    def _forget(self, job_id: str) -> None:
+        self._logs.pop(job_id, None)
+        self._owners.pop(job_id, None)
 
     def _inputs(self, view: jobs.JobView) -> dict[str, bytes]:
         paths = view.params.get("inputs") or {}
@@ -341,7 +351,7 @@ class EngineJobRunner:
         """The terminal event says what the database holds (a cancel may have won over a completion)."""
         view = await asyncio.to_thread(jobs.get_job, self.db, job_id)
         job_log.publish(*terminal_event(view))
-        self._logs.pop(job_id, None)
+        self._forget(job_id)
         self._finished[job_id] = job_log
         while len(self._finished) > self._history_jobs:
             self._finished.popitem(last=False)

@@ -201,11 +201,7 @@ def create_job(
                     raise
                 relax, units, day = True, 0, quota.quota_day(now)
             if (active or 0) >= plan.max_concurrent:
-                raise RateLimited(
-                    f"Your plan ({plan.name}) allows {plan.max_concurrent} job(s) at once; "
-                    "wait for one to finish.",
-                    retry_after_s=1.0,
-                )
+                raise concurrency_refusal(plan)
             job = Job(
                 id=job_id, user_id=account.user_id, plan_name=plan.name, status="queued", kind=spec.kind,
                 model=spec.model, prompt=spec.prompt, n=spec.n, width=spec.width, height=spec.height,
@@ -220,6 +216,13 @@ def create_job(
         if uploads:
             store.remove_tree(upload_dir(job_id))
         raise
+
+
+def concurrency_refusal(plan: PlanLimits) -> RateLimited:
+    return RateLimited(
+        f"Your plan ({plan.name}) allows {plan.max_concurrent} job(s) at once; wait for one to finish.",
+        retry_after_s=1.0,
+    )
 
 
 def get_job(db: sessionmaker[Session], job_id: str, user_id: str | None = None) -> JobView:

@@ -82,13 +82,17 @@ def reserve(
     if limit is not None:
         stmt = stmt.where(QuotaUsage.used + units <= limit)
     if session.execute(stmt).rowcount != 1:
-        wait_s = seconds_to_reset(now)
-        raise QuotaExceeded(
-            f"You have used your {limit} images for today; the quota resets in {int(wait_s)} s "
-            f"(at {next_reset(now).isoformat()}).",
-            retry_after_s=wait_s,
-        )
+        raise quota_refusal(limit, now)
     return day
+
+
+def quota_refusal(limit: int | None, now: dt.datetime) -> QuotaExceeded:
+    wait_s = seconds_to_reset(now)
+    return QuotaExceeded(
+        f"You have used your {limit} images for today; the quota resets in {int(wait_s)} s "
+        f"(at {next_reset(now).isoformat()}).",
+        retry_after_s=wait_s,
+    )
 
 
 def refund(session: Session, job_id: str) -> bool:

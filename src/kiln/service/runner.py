@@ -88,6 +88,11 @@ class JobRunner(Protocol):
         """(jobs ahead, seconds until it starts) for a job this runner holds; (None, None) otherwise."""
         ...
 
+    def active_jobs(self, user_id: str) -> int:
+        """The user's unfinished jobs held by this runner: a lower bound of their jobs in the database,
+        so a refusal based on it is always right (the database's count stays the authority)."""
+        ...
+
     def events(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
         """The job's events numbered above `after`, replayed then live, ending with the terminal one."""
         ...
