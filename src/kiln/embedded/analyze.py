@@ -40,7 +40,7 @@ def _template(shape: str, cx: float, cy: float, r: float, side: int) -> np.ndarr
     grid = (np.arange(side) + 0.5) / side
     x, y = grid[None, :] - cx, grid[:, None] - cy
     if shape == "circle":
-        return (x ** 2 + y ** 2 <= r ** 2).astype(np.float32)
+        return (x**2 + y**2 <= r**2).astype(np.float32)
     if shape == "square":
         return ((np.abs(x) <= 0.9 * r) & (np.abs(y) <= 0.9 * r)).astype(np.float32)
     h = 1.15 * r  # circumradius of the upright triangle; its centroid is (cx, cy)
@@ -50,7 +50,7 @@ def _template(shape: str, cx: float, cy: float, r: float, side: int) -> np.ndarr
 
 
 # Area of each shape as a multiple of r^2, as drawn by scenes.py.
-_AREA_PER_R2 = {"circle": np.pi, "square": 1.8 ** 2, "triangle": 3 * np.sqrt(3) / 4 * 1.15 ** 2}
+_AREA_PER_R2 = {"circle": np.pi, "square": 1.8**2, "triangle": 3 * np.sqrt(3) / 4 * 1.15**2}
 SMALL_LARGE_RADIUS = 0.165
 """Fitted radius (fraction of the image) between small (0.12 +-10 %) and large (0.22 +-10 %)."""
 
@@ -76,15 +76,17 @@ def read_image(image) -> Reading:
     direction = obj_rgb - bg_rgb
     soft = np.clip(((pixels - bg_rgb) @ direction) / float(direction @ direction), 0.0, 1.0)
     soft[soft < 0.2] = 0.0  # ringing and noise far from the object
-    area = soft.sum() / side ** 2
+    area = soft.sum() / side**2
     ys, xs = np.mgrid[0:side, 0:side]
     cx = float((soft * (xs + 0.5)).sum() / soft.sum() / side)
     cy = float((soft * (ys + 0.5)).sum() / soft.sum() / side)
     if abs(cx - 0.5) < CENTRE_BOX and abs(cy - 0.5) < CENTRE_BOX:
         position = "centre"
     else:
-        position = min(POSITION_CENTRES, key=lambda p: (POSITION_CENTRES[p][0] - cx) ** 2
-                       + (POSITION_CENTRES[p][1] - cy) ** 2)
+        position = min(
+            POSITION_CENTRES,
+            key=lambda p: (POSITION_CENTRES[p][0] - cx) ** 2 + (POSITION_CENTRES[p][1] - cy) ** 2,
+        )
     fits = {}
     for name, k in _AREA_PER_R2.items():
         r = float(np.sqrt(area / k))

@@ -39,16 +39,46 @@ SIZE_WORDS: dict[str, tuple[str, ...]] = {
 }
 # Position forms: the k-th entry of every list is the same phrasing for another place.
 POSITION_FORMS: dict[str, tuple[str, ...]] = {
-    "left": ("on the left", "at the left", "to the left", "on the left side", "in the left half",
-             "on the left-hand side"),
-    "right": ("on the right", "at the right", "to the right", "on the right side",
-              "in the right half", "on the right-hand side"),
-    "top": ("at the top", "near the top", "up top", "at the top edge", "in the upper half",
-            "at the top of the picture"),
-    "bottom": ("at the bottom", "near the bottom", "down below", "at the bottom edge",
-               "in the lower half", "at the bottom of the picture"),
-    "centre": ("in the centre", "in the center", "in the middle", "at the centre",
-               "in the middle of the picture", "right in the middle"),
+    "left": (
+        "on the left",
+        "at the left",
+        "to the left",
+        "on the left side",
+        "in the left half",
+        "on the left-hand side",
+    ),
+    "right": (
+        "on the right",
+        "at the right",
+        "to the right",
+        "on the right side",
+        "in the right half",
+        "on the right-hand side",
+    ),
+    "top": (
+        "at the top",
+        "near the top",
+        "up top",
+        "at the top edge",
+        "in the upper half",
+        "at the top of the picture",
+    ),
+    "bottom": (
+        "at the bottom",
+        "near the bottom",
+        "down below",
+        "at the bottom edge",
+        "in the lower half",
+        "at the bottom of the picture",
+    ),
+    "centre": (
+        "in the centre",
+        "in the center",
+        "in the middle",
+        "at the centre",
+        "in the middle of the picture",
+        "right in the middle",
+    ),
 }
 N_POSITION_FORMS = 6
 # Noun-phrase forms for the object: {a} is the article, {s} size, {c} colour, {n} shape.
@@ -87,8 +117,17 @@ BACKGROUND_CLAUSE = (
     "the rest is {b}",
     "the background colour is {b}",
 )
-PREFIXES = ("", "draw ", "paint ", "show ", "an image of ", "a picture of ", "please draw ",
-            "there is ", "render ")
+PREFIXES = (
+    "",
+    "draw ",
+    "paint ",
+    "show ",
+    "an image of ",
+    "a picture of ",
+    "please draw ",
+    "there is ",
+    "render ",
+)
 ENDINGS = ("", ".")
 # Frames: the clause order. {np} object, {p} position, {t} trailing background,
 # {l} leading background, {k} background clause, {x} prefix.
@@ -125,8 +164,9 @@ class Phrasing:
 
 def _background_table(frame: int) -> tuple[str, ...]:
     kind = FRAMES[frame][1]
-    return {"t": BACKGROUND_TRAILING, "l": BACKGROUND_LEADING, "k": BACKGROUND_CLAUSE,
-            "n": BACKGROUND_NOUN}[kind]
+    return {"t": BACKGROUND_TRAILING, "l": BACKGROUND_LEADING, "k": BACKGROUND_CLAUSE, "n": BACKGROUND_NOUN}[
+        kind
+    ]
 
 
 def all_phrasings() -> list[Phrasing]:
@@ -135,8 +175,11 @@ def all_phrasings() -> list[Phrasing]:
     for frame in range(len(FRAMES)):
         prefixes = range(len(PREFIXES)) if "{x}" in FRAMES[frame][0] else range(1)
         for prefix, noun, position, background, ending in itertools.product(
-            prefixes, range(len(NOUN_FORMS)), range(N_POSITION_FORMS),
-            range(len(_background_table(frame))), range(len(ENDINGS)),
+            prefixes,
+            range(len(NOUN_FORMS)),
+            range(N_POSITION_FORMS),
+            range(len(_background_table(frame))),
+            range(len(ENDINGS)),
         ):
             out.append(Phrasing(frame, prefix, noun, position, background, ending))
     return out
@@ -177,23 +220,32 @@ def caption(scene: Scene, phrasing: Phrasing, rng: random.Random) -> str:
     bg = _background_table(phrasing.frame)[phrasing.background].format(a="{a}", b=bg_word)
     frame = FRAMES[phrasing.frame][0]
     text = frame.format(
-        x=PREFIXES[phrasing.prefix], np=noun, p=POSITION_FORMS[scene.position][phrasing.position],
-        t=bg, l=bg, k=bg, bnp=bg,
+        x=PREFIXES[phrasing.prefix],
+        np=noun,
+        p=POSITION_FORMS[scene.position][phrasing.position],
+        t=bg,
+        l=bg,
+        k=bg,
+        bnp=bg,
     )
     text = _with_articles(text).replace(",,", ",").replace(",.", ".").rstrip(",")
     return text + ENDINGS[phrasing.ending]
 
 
-def sample_caption(scene: Scene, rng: random.Random, split: str = "train",
-                   pool: list[Phrasing] | None = None) -> str:
+def sample_caption(
+    scene: Scene, rng: random.Random, split: str = "train", pool: list[Phrasing] | None = None
+) -> str:
     """A caption for `scene` in a random phrasing of `split`."""
     return caption(scene, rng.choice(pool if pool is not None else phrasings(split)), rng)
 
 
 def vocabulary_texts() -> list[str]:
     """Every fragment of text the grammar can emit, for building the tokenizer's vocabulary."""
-    texts = [" ".join(w) for table in (COLOR_WORDS, SHAPE_WORDS, SIZE_WORDS, POSITION_FORMS)
-             for w in table.values()]
+    texts = [
+        " ".join(w)
+        for table in (COLOR_WORDS, SHAPE_WORDS, SIZE_WORDS, POSITION_FORMS)
+        for w in table.values()
+    ]
     texts += list(NOUN_FORMS + BACKGROUND_TRAILING + BACKGROUND_LEADING + BACKGROUND_CLAUSE)
     texts += list(PREFIXES + ENDINGS + BACKGROUND_NOUN) + [f[0] for f in FRAMES]
     texts += ["a an", "colour color colored background backdrop", " ".join(COLORS), " ".join(SHAPES)]

@@ -27,8 +27,14 @@ class Sizes:
 
 
 FULL = Sizes()
-TINY = Sizes(text_hidden=32, text_layers=1, text_heads=2, vae_channels=(16, 16, 16),
-             unet_channels=(32, 32, 32), unet_heads=2)
+TINY = Sizes(
+    text_hidden=32,
+    text_layers=1,
+    text_heads=2,
+    vae_channels=(16, 16, 16),
+    unet_channels=(32, 32, 32),
+    unet_heads=2,
+)
 
 
 def _backend_tokenizer():
@@ -53,8 +59,13 @@ def build_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=_backend_tokenizer(), bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        unk_token=UNK, model_max_length=MAX_TOKENS, padding_side="right",
+        tokenizer_object=_backend_tokenizer(),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=MAX_TOKENS,
+        padding_side="right",
     )
 
 
@@ -62,11 +73,16 @@ def build_text_encoder(tokenizer, sizes: Sizes = FULL):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=sizes.text_hidden,
-        intermediate_size=sizes.text_hidden * 2, projection_dim=sizes.text_hidden,
-        num_hidden_layers=sizes.text_layers, num_attention_heads=sizes.text_heads,
-        max_position_embeddings=MAX_TOKENS, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=sizes.text_hidden,
+        intermediate_size=sizes.text_hidden * 2,
+        projection_dim=sizes.text_hidden,
+        num_hidden_layers=sizes.text_layers,
+        num_attention_heads=sizes.text_heads,
+        max_position_embeddings=MAX_TOKENS,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return CLIPTextModel(config)
 
@@ -77,10 +93,16 @@ def build_vae(sizes: Sizes = FULL):
 
     n = len(sizes.vae_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=sizes.vae_channels, layers_per_block=1,
-        norm_num_groups=min(16, sizes.vae_channels[0]), mid_block_add_attention=False,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=sizes.vae_channels,
+        layers_per_block=1,
+        norm_num_groups=min(16, sizes.vae_channels[0]),
+        mid_block_add_attention=False,
     )
 
 
@@ -90,20 +112,29 @@ def build_unet(sizes: Sizes = FULL):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
         block_out_channels=sizes.unet_channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=sizes.text_hidden,
         attention_head_dim=sizes.unet_heads,  # diffusers reads this as the number of heads
         norm_num_groups=min(32, sizes.unet_channels[0]),
-        addition_embed_type="text", addition_embed_type_num_heads=sizes.unet_heads,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=sizes.unet_heads,
     )
 
 
 SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
-    prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=1,
+    num_train_timesteps=1000,
+    beta_schedule="linear",
+    beta_start=0.0001,
+    beta_end=0.02,
+    prediction_type="v_prediction",
+    timestep_spacing="trailing",
+    steps_offset=1,
 )
 """Linear betas end near zero signal, so the background colour cannot leak through the noise
 at the last training step (it would be random at sampling time); v-prediction keeps the
@@ -127,7 +158,12 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=build_sample_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=build_sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )

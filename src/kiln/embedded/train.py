@@ -1,0 +1,589 @@
+"""Train Kiln's embedded text-to-image model from scratch, in seeded, resumable stages:
+
+1. autoencoder (64x64x3 <-> 16x16x4) on procedural scenes, then its decoder alone polished on the
+   cached latents with object pixels weighted up;
+2. text encoder, grounded by small attribute heads (training only, not saved) that must read the
+   object colour, background colour, shape, position and size from every caption;
+3. UNet on cached latents, with the text encoder frozen, v-prediction and classifier-free dropout.
+
+`python -m kiln.embedded.train` writes checkpoints under var/embedded-train/ and the best pipeline so
+far into src/kiln/embedded/model/; `--smoke` runs a few steps of a tiny config into a temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kiln.embedded import components
+from kiln.embedded.analyze import ATTRIBUTES, read_image, score
+from kiln.embedded.captions import caption, phrasings
+from kiln.embedded.scenes import (
+    COLORS,
+    PALETTE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    sample_scene,
+    scene_batch,
+)
+
+MODEL_DIR = Path(__file__).parent / "model"
+WORK_DIR = Path("var/embedded-train")
+ATTRIBUTE_VALUES = {
+    "color": COLORS,
+    "background": COLORS,
+    "shape": SHAPES,
+    "position": POSITIONS,
+    "size": SIZES,
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the trained weights; saved next to them."""
+
+    sizes: components.Sizes = field(default_factory=lambda: components.FULL)
+    seed: int = 1234
+    dataset_size: int = 24_000
+    vae_steps: int = 1_500
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    decoder_steps: int = 1_600
+    decoder_lr: float = 5e-4
+    text_steps: int = 400
+    text_batch: int = 128
+    text_lr: float = 1e-3
+    unet_steps: int = 4_000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    unet_warmup: int = 200
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1
+    min_snr: float = 5.0
+    eval_every: int = 300
+    eval_prompts: int = 48
+    sample_steps: int = 8
+    guidance_scale: float = 3.0
+    checkpoint_every_s: float = 240.0
+
+
+SMOKE = Recipe(
+    sizes=components.TINY,
+    dataset_size=16,
+    vae_steps=2,
+    vae_batch=4,
+    decoder_steps=2,
+    text_steps=2,
+    text_batch=8,
+    unet_steps=3,
+    unet_batch=4,
+    unet_warmup=1,
+    eval_every=3,
+    eval_prompts=2,
+    sample_steps=2,
+    checkpoint_every_s=0.0,
+)
+
+
+def log(work: Path, message: str) -> None:
+    line = f"{time.strftime('%H:%M:%S')} {message}"
+    print(line, flush=True)
+    with open(work / "train.log", "a") as f:
+        f.write(line + "\n")
+
+
+def step_rng(recipe: Recipe, stage: str, step: int) -> tuple[random.Random, torch.Generator]:
+    """Per-step randomness derived from (seed, stage, step), so a resumed run draws the same data."""
+    rng = random.Random(f"{recipe.seed}-{stage}-{step}")
+    return rng, torch.Generator().manual_seed(rng.getrandbits(63))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, weights_only=False) if path.exists() else None
+
+
+# --- stage 1: autoencoder -------------------------------------------------------------------
+
+
+def train_vae(recipe: Recipe, work: Path):
+    vae = components.build_vae(recipe.sizes)
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    path, step, last_save = work / "vae.pt", 0, time.time()
+    if (state := load_checkpoint(path)) is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    start = time.time()
+    while step < recipe.vae_steps:
+        rng, gen = step_rng(recipe, "vae", step)
+        images = torch.from_numpy(scene_batch([sample_scene(rng) for _ in range(recipe.vae_batch)], rng))
+        for group in opt.param_groups:
+            group["lr"] = recipe.vae_lr * 0.5 * (1 + np.cos(np.pi * step / recipe.vae_steps))
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 100 == 0 or step == recipe.vae_steps:
+            log(work, f"vae step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+        if step == recipe.vae_steps or time.time() - last_save > recipe.checkpoint_every_s:
+            save_checkpoint(path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
+            last_save = time.time()
+    return vae.eval().requires_grad_(False)
+
+
+def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
+    """Render the UNet's training scenes once and cache their latents (and the latent scale)."""
+    path = work / "latents.pt"
+    if (cached := load_checkpoint(path)) is not None:
+        return cached
+    rng = random.Random(f"{recipe.seed}-dataset")
+    scenes = [sample_scene(rng) for _ in range(recipe.dataset_size)]
+    latents = []
+    with torch.no_grad():
+        for i in range(0, len(scenes), 256):
+            batch = torch.from_numpy(scene_batch(scenes[i : i + 256], rng))
+            latents.append(vae.encode(batch).latent_dist.mean)
+    latents = torch.cat(latents)
+    data = {
+        "latents": latents,
+        "scenes": [asdict(s) for s in scenes],
+        "scaling_factor": float(1.0 / latents.std()),
+    }
+    save_checkpoint(path, data)
+    log(work, f"encoded {len(scenes)} scenes; latent std {latents.std():.3f}")
+    return data
+
+
+def object_weights(images: torch.Tensor, scenes: list[Scene], weight: float) -> torch.Tensor:
+    """Per-pixel loss weights: `weight` on the object (pixels unlike the background), 1 elsewhere,
+    so the few pixels that carry shape and colour are not drowned by the flat background."""
+    bg = torch.tensor([PALETTE[s.background] for s in scenes], dtype=torch.float32) / 127.5 - 1.0
+    far = (images - bg[:, :, None, None]).abs().amax(dim=1, keepdim=True) > 0.1
+    return 1.0 + (weight - 1.0) * far.float()
+
+
+def polish_decoder(recipe: Recipe, work: Path, vae):
+    """Fine-tune the decoder alone on the encoder's mean latents (what the UNet learns to make),
+    weighting object pixels. The encoder, and so the cached latents, stay exactly as they are."""
+    path, step, last_save = work / "decoder.pt", 0, time.time()
+    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=recipe.decoder_lr, weight_decay=0.0)
+    if (state := load_checkpoint(path)) is not None:
+        vae.decoder.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    vae.decoder.requires_grad_(True)
+    start = time.time()
+    while step < recipe.decoder_steps:
+        rng, _ = step_rng(recipe, "decoder", step)
+        scenes = [sample_scene(rng) for _ in range(recipe.vae_batch)]
+        images = torch.from_numpy(scene_batch(scenes, rng))
+        for group in opt.param_groups:
+            group["lr"] = recipe.decoder_lr * 0.5 * (1 + np.cos(np.pi * step / recipe.decoder_steps))
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.mean
+        recon = vae.decode(latents).sample
+        w = object_weights(images, scenes, 8.0)
+        loss = (w * ((recon - images) ** 2 + 0.5 * (recon - images).abs())).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 100 == 0 or step == recipe.decoder_steps:
+            log(work, f"decoder step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+        if step == recipe.decoder_steps or time.time() - last_save > recipe.checkpoint_every_s:
+            save_checkpoint(path, {"model": vae.decoder.state_dict(), "opt": opt.state_dict(), "step": step})
+            last_save = time.time()
+    return vae.eval().requires_grad_(False)
+
+
+# --- stage 2: text encoder ------------------------------------------------------------------
+
+
+class AttributeHeads(torch.nn.Module):
+    """Linear read-outs of each scene attribute from a text hidden state; training only."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict(
+            {name: torch.nn.Linear(hidden, len(values)) for name, values in ATTRIBUTE_VALUES.items()}
+        )
+
+    def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(hidden) for name, head in self.heads.items()}
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def attribute_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
+    return {
+        name: torch.tensor([values.index(getattr(s, name)) for s in scenes])
+        for name, values in ATTRIBUTE_VALUES.items()
+    }
+
+
+def text_batch(recipe, tokenizer, rng, pool, n):
+    scenes = [sample_scene(rng) for _ in range(n)]
+    ids = tokenize(tokenizer, [caption(s, rng.choice(pool), rng) for s in scenes])
+    return scenes, ids
+
+
+def attribute_loss(text_encoder, heads, ids, scenes, eos_id):
+    """Cross-entropy of every attribute at <eos> and every pad after it: under CLIP's causal mask
+    those are the positions that have read the whole caption, and the UNet attends to all of them."""
+    hidden = text_encoder(ids).last_hidden_state
+    eos_pos = (ids == eos_id).int().argmax(dim=1)
+    full = torch.arange(ids.shape[1])[None, :] >= eos_pos[:, None]
+    logits = heads(hidden[full])
+    counts = full.sum(dim=1)
+    loss, correct = 0.0, {}
+    for name, target in attribute_targets(scenes).items():
+        loss = loss + F.cross_entropy(logits[name], target.repeat_interleave(counts))
+        at_eos = heads.heads[name](hidden[torch.arange(len(ids)), eos_pos])
+        correct[name] = (at_eos.argmax(dim=1) == target).float().mean().item()
+    return loss, correct
+
+
+def train_text(recipe: Recipe, work: Path, tokenizer):
+    text_encoder = components.build_text_encoder(tokenizer, recipe.sizes)
+    heads = AttributeHeads(recipe.sizes.text_hidden)
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.text_lr, weight_decay=0.01)
+    path, step, last_save = work / "text.pt", 0, time.time()
+    if (state := load_checkpoint(path)) is not None:
+        text_encoder.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    train_pool, held_pool = phrasings("train"), phrasings("held_out")
+    start = time.time()
+    while step < recipe.text_steps:
+        rng, _ = step_rng(recipe, "text", step)
+        torch.manual_seed(rng.getrandbits(63))  # dropout inside the encoder
+        scenes, ids = text_batch(recipe, tokenizer, rng, train_pool, recipe.text_batch)
+        for group in opt.param_groups:
+            group["lr"] = (
+                recipe.text_lr
+                * min(1.0, (step + 1) / 100)
+                * 0.5
+                * (1 + np.cos(np.pi * step / recipe.text_steps))
+            )
+        loss, _ = attribute_loss(text_encoder, heads, ids, scenes, tokenizer.eos_token_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 100 == 0 or step == recipe.text_steps:
+            with torch.no_grad():
+                rng = random.Random(f"{recipe.seed}-text-eval")
+                scenes, ids = text_batch(recipe, tokenizer, rng, held_pool, 512)
+                _, held = attribute_loss(text_encoder, heads, ids, scenes, tokenizer.eos_token_id)
+            accs = " ".join(f"{k} {v:.3f}" for k, v in held.items())
+            log(work, f"text step {step} loss {loss.item():.4f} held-out {accs} ({time.time() - start:.0f}s)")
+        if step == recipe.text_steps or time.time() - last_save > recipe.checkpoint_every_s:
+            save_checkpoint(
+                path,
+                {
+                    "model": text_encoder.state_dict(),
+                    "heads": heads.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                },
+            )
+            last_save = time.time()
+    return text_encoder.eval().requires_grad_(False)
+
+
+# --- stage 3: UNet --------------------------------------------------------------------------
+
+
+def evaluate(recipe: Recipe, pipe, prompts_scenes) -> dict[str, float]:
+    """Sample held-out prompts as the server would, and score the pixels."""
+    prompts = [p for p, _ in prompts_scenes]
+    images = pipe(
+        prompts,
+        num_inference_steps=recipe.sample_steps,
+        guidance_scale=recipe.guidance_scale,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pil",
+    ).images
+    hits = {name: 0 for name in ATTRIBUTES}
+    for image, (_, scene) in zip(images, prompts_scenes):
+        for name, ok in score(read_image(image), scene).items():
+            hits[name] += ok
+    return {name: hits[name] / len(prompts) for name in ATTRIBUTES}
+
+
+def held_out_prompts(recipe: Recipe, n: int, salt: str = "eval") -> list[tuple[str, Scene]]:
+    rng = random.Random(f"{recipe.seed}-{salt}")
+    pool = phrasings("held_out")
+    out = []
+    for _ in range(n):
+        scene = sample_scene(rng)
+        out.append((caption(scene, rng.choice(pool), rng), scene))
+    return out
+
+
+def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, recipe: Recipe, summary: dict) -> None:
+    """Write the pipeline (UNet and VAE in fp16, the small text encoder in fp32 so that every part
+    loads as fp32 by default) and its serving defaults, replacing `out` in one rename."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = components.assemble_pipeline(
+        copy.deepcopy(vae).half(), text_encoder, tokenizer, copy.deepcopy(unet).half()
+    )
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    defaults = {
+        "native_size": 64,
+        "steps": recipe.sample_steps,
+        "guidance_scale": recipe.guidance_scale,
+        "scheduler": type(pipe.scheduler).__name__,
+    }
+    (tmp / "kiln.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def repackage(recipe: Recipe, out: Path, vae) -> None:
+    """Re-save the pipeline in `out` with the autoencoder `vae` (e.g. after more decoder polishing),
+    keeping its UNet, text encoder, serving defaults and training summary."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    summary = json.loads((out / "training.json").read_text())
+    summary["recipe"]["decoder_steps"] = recipe.decoder_steps
+    defaults = json.loads((out / "kiln.json").read_text())
+    vae.register_to_config(scaling_factor=pipe.vae.config.scaling_factor)
+    recipe = replace(recipe, sample_steps=defaults["steps"], guidance_scale=defaults["guidance_scale"])
+    save_pipeline(out, vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, recipe, summary)
+
+
+def eval_and_keep_best(
+    recipe: Recipe,
+    work: Path,
+    out: Path,
+    parts,
+    eval_set,
+    step: int,
+    best: float,
+    seconds: float,
+    summary: dict,
+) -> float:
+    """Score the EMA UNet on held-out prompts; save the pipeline if it is the best so far."""
+    vae, text_encoder, tokenizer, ema = parts
+    pipe = components.assemble_pipeline(vae, text_encoder, tokenizer, ema)
+    pipe.set_progress_bar_config(disable=True)
+    accs = evaluate(recipe, pipe, eval_set)
+    mean = float(np.mean(list(accs.values())))
+    log(
+        work,
+        f"eval step {step}: "
+        + " ".join(f"{k} {v:.2f}" for k, v in accs.items())
+        + f" mean {mean:.3f} (best {best:.3f}, {seconds / 60:.1f} min)",
+    )
+    if mean >= best:
+        summary.update(unet_steps_done=step, unet_seconds=seconds, eval=accs)
+        save_pipeline(out, vae, text_encoder, tokenizer, ema, recipe, summary)
+        log(work, f"saved pipeline to {out}")
+        return mean
+    return best
+
+
+def ema_update(ema, model, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - decay)
+
+
+def train_unet(
+    recipe: Recipe,
+    work: Path,
+    out: Path,
+    vae,
+    text_encoder,
+    tokenizer,
+    data: dict,
+    deadline: float | None,
+    summary: dict,
+) -> None:
+    vae.register_to_config(scaling_factor=data["scaling_factor"])
+    unet = components.build_unet(recipe.sizes)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.0)
+    path, step, best = work / "unet.pt", 0, -1.0
+    if (state := load_checkpoint(path)) is not None:
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, best = state["step"], state["best"]
+        summary["unet_seconds"] = state.get("seconds", 0.0)
+    noise_scheduler = components.build_train_scheduler()
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    latents = data["latents"] * data["scaling_factor"]
+    scenes = [Scene(**s) for s in data["scenes"]]
+    pool = phrasings("train")
+    with torch.no_grad():
+        empty = text_encoder(tokenize(tokenizer, [""])).last_hidden_state
+    eval_set = held_out_prompts(recipe, recipe.eval_prompts)
+    last_save = time.time()
+    seconds = summary.setdefault("unet_seconds", 0.0)
+    mark = time.time()
+    while step < recipe.unet_steps and (deadline is None or time.time() < deadline):
+        rng, gen = step_rng(recipe, "unet", step)
+        idx = torch.randint(0, len(scenes), (recipe.unet_batch,), generator=gen)
+        texts = [caption(scenes[i], rng.choice(pool), rng) for i in idx.tolist()]
+        with torch.no_grad():
+            cond = text_encoder(tokenize(tokenizer, texts)).last_hidden_state
+            drop = torch.rand(len(texts), generator=gen) < recipe.cond_dropout
+            cond[drop] = empty
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, len(alphas), (len(x0),), generator=gen)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        target = noise_scheduler.get_velocity(x0, noise, t)
+        lr_scale = min(1.0, (step + 1) / recipe.unet_warmup)
+        for group in opt.param_groups:
+            group["lr"] = (
+                recipe.unet_lr * lr_scale * (0.1 + 0.45 * (1 + np.cos(np.pi * step / recipe.unet_steps)))
+            )
+        pred = unet(noisy, t, cond).sample
+        weight = torch.clamp(snr[t], max=recipe.min_snr) / (snr[t] + 1)
+        loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, unet, min(recipe.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        if step % 50 == 0:
+            log(work, f"unet step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
+        if step % recipe.eval_every == 0 or step == recipe.unet_steps:
+            seconds += time.time() - mark
+            best = eval_and_keep_best(
+                recipe, work, out, (vae, text_encoder, tokenizer, ema), eval_set, step, best, seconds, summary
+            )
+            mark = time.time()
+        if time.time() - last_save > recipe.checkpoint_every_s or step == recipe.unet_steps:
+            save_checkpoint(
+                path,
+                {
+                    "model": unet.state_dict(),
+                    "ema": ema.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "best": best,
+                    "seconds": seconds + time.time() - mark,
+                },
+            )
+            last_save = time.time()
+    seconds += time.time() - mark
+    if step % recipe.eval_every != 0 and step < recipe.unet_steps:  # stopped by the deadline
+        best = eval_and_keep_best(
+            recipe, work, out, (vae, text_encoder, tokenizer, ema), eval_set, step, best, seconds, summary
+        )
+    save_checkpoint(
+        path,
+        {
+            "model": unet.state_dict(),
+            "ema": ema.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "best": best,
+            "seconds": seconds,
+        },
+    )
+
+
+def run(recipe: Recipe, work: Path, out: Path, deadline: float | None = None, stage: str = "all") -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    summary = {"recipe": asdict(recipe)}
+    tokenizer = components.build_tokenizer()
+    t0 = time.time()
+    vae = train_vae(recipe, work)
+    data = encode_dataset(recipe, work, vae)
+    if stage in ("decoder", "package"):
+        vae = polish_decoder(recipe, work, vae)
+        if stage == "package":
+            repackage(recipe, out, vae)
+        return
+    vae = polish_decoder(recipe, work, vae)
+    t1 = time.time()
+    text_encoder = train_text(recipe, work, tokenizer)
+    t2 = time.time()
+    summary.update(vae_and_data_seconds=t1 - t0, text_seconds=t2 - t1)
+    train_unet(recipe, work, out, vae, text_encoder, tokenizer, data, deadline, summary)
+    log(work, f"done in {time.time() - t0:.0f}s (this session)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny config, a few steps, temp dirs")
+    parser.add_argument("--work", type=Path, default=WORK_DIR, help="checkpoints and logs")
+    parser.add_argument("--out", type=Path, default=MODEL_DIR, help="where the pipeline is saved")
+    parser.add_argument("--unet-steps", type=int, default=None)
+    parser.add_argument("--minutes", type=float, default=None, help="stop the UNet stage after this")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--stage",
+        choices=("all", "decoder", "package"),
+        default="all",
+        help="'decoder': stop after polishing the decoder; 'package': also re-save the "
+        "pipeline in --out with it",
+    )
+    parser.add_argument("--decoder-steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    recipe = SMOKE if args.smoke else Recipe()
+    if args.decoder_steps is not None:
+        recipe = replace(recipe, decoder_steps=args.decoder_steps)
+    if args.unet_steps is not None:
+        recipe = replace(recipe, unet_steps=args.unet_steps)
+    deadline = time.time() + args.minutes * 60 if args.minutes is not None else None
+    if args.smoke and args.work == WORK_DIR:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = args.out if args.out != MODEL_DIR else Path(tmp) / "model"
+            run(recipe, Path(tmp) / "work", out, deadline)
+        return
+    run(recipe, args.work, args.out, deadline, args.stage)
+
+
+if __name__ == "__main__":
+    main()
