@@ -77,6 +77,17 @@ def run(ctx: Context) -> Section:
         table=rows,
         plots=[plot],
         data={"rows": rows},
-        notes=["Latencies are measured by the client, on the same 2-core machine as the server and its "
-               "worker; refusals include the client's own time."],
+        notes=[
+            "Latencies are measured by the client, on the same 2-core machine as the server and its "
+            "worker; refusals include the client's own time.",
+            "Why the ratio misses 1.3: under the flood even the fastest enterprise image takes about twice "
+            "its idle time. The two cores are shared by the worker (one torch thread), the server answering "
+            "the crowd and the Python load generator itself; and a paying request may ride in a batch with "
+            "up to `bound_batch_images` (2) free images or wait for one to finish (`both` also stops a "
+            "running free batch at its next step, hence its lower p50). On a GPU host the server's CPU work "
+            "no longer competes with the denoising.",
+            "Why refusals take ~45 ms at p99 and not 5: each is a full HTTP request through auth (a database "
+            "read), the usage read for the x-ratelimit headers and, unless this server alone already holds "
+            "the user's jobs, the admission transaction — on a Python server whose two cores are saturated.",
+        ],
     )
