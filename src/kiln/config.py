@@ -78,8 +78,6 @@ class Settings(BaseSettings):
     """Port `kiln serve` listens on."""
     database_url: str = "sqlite:///var/kiln.db"
     """SQLAlchemy URL: SQLite (default, WAL mode) or `postgresql+psycopg://…`."""
-    redis_url: str | None = None
-    """Redis for events, live settings and revocations between replicas; None on one process."""
     data_dir: Path = Path("var")
     """Where Kiln keeps its state on disk (images, SQLite database)."""
     images_dir: Path = Path("var/images")
