@@ -69,7 +69,7 @@ class FakePipeline:
         return self._interrupt
 
     def derive(self, task: str) -> FakePipeline:
-        return FakePipeline(self.step_s, task, self.crash_once_dir)
+        return type(self)(self.step_s, task, self.crash_once_dir)
 
     def set_progress_bar_config(self, **_: Any) -> None:
         pass

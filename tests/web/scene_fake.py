@@ -58,9 +58,6 @@ def draw(prompt: str, seed: int, width: int, height: int, base: Image.Image | No
 
 
 class SceneFake(FakePipeline):
-    def derive(self, task: str) -> SceneFake:
-        return SceneFake(self.step_s, task, self.crash_once_dir)
-
     def __call__(
         self,
         prompt: list[str],

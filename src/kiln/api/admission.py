@@ -45,10 +45,13 @@ async def admit_job(
         if state.runner.active_jobs(account.user_id) >= plan.max_concurrent:
             # Sure without a write (this server alone holds that many): refuse before taking the lock,
             # with the same answer the transaction would give (the quota first).
-            usage, _ = await current_usage(state, account)
+            usage, headers = await current_usage(state, account)
             if usage.remaining is not None and usage.remaining < spec.n and not plan.relax_mode:
-                raise quota.quota_refusal(usage.limit, state.clock.now())
-            raise jobs.concurrency_refusal(plan)
+                refusal: RetryLater = quota.quota_refusal(usage.limit, state.clock.now())
+            else:
+                refusal = jobs.concurrency_refusal(plan)
+            refusal.headers = headers  # type: ignore[attr-defined]
+            raise refusal
         with state.runner.admitting(account.user_id, plan, spec) as admitted:
             degraded = degradation_record(admitted)
             if degraded is not None:
@@ -58,7 +61,8 @@ async def admit_job(
     except RetryLater as exc:
         if not isinstance(exc, Overloaded):  # the engine counts its own refusals
             state.metrics.refused(plan.name, exc.code or "refused")
-        exc.headers = (await current_usage(state, account))[1]  # type: ignore[attr-defined]
+        if getattr(exc, "headers", None) is None:  # the fast refusal above read them already
+            exc.headers = (await current_usage(state, account))[1]  # type: ignore[attr-defined]
         raise
 
 

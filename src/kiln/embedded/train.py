@@ -465,6 +465,11 @@ def train_unet(
     last_save = time.time()
     seconds = summary.setdefault("unet_seconds", 0.0)
     mark = time.time()
+
+    def unet_state(spent_s: float) -> dict:
+        return {"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "step": step, "best": best, "seconds": spent_s}
+
     while step < recipe.unet_steps and (deadline is None or time.time() < deadline):
         rng, gen = step_rng(recipe, "unet", step)
         idx = torch.randint(0, len(scenes), (recipe.unet_batch,), generator=gen)
@@ -501,34 +506,14 @@ def train_unet(
             )
             mark = time.time()
         if time.time() - last_save > recipe.checkpoint_every_s or step == recipe.unet_steps:
-            save_checkpoint(
-                path,
-                {
-                    "model": unet.state_dict(),
-                    "ema": ema.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                    "best": best,
-                    "seconds": seconds + time.time() - mark,
-                },
-            )
+            save_checkpoint(path, unet_state(seconds + time.time() - mark))
             last_save = time.time()
     seconds += time.time() - mark
     if step % recipe.eval_every != 0 and step < recipe.unet_steps:  # stopped by the deadline
         best = eval_and_keep_best(
             recipe, work, out, (vae, text_encoder, tokenizer, ema), eval_set, step, best, seconds, summary
         )
-    save_checkpoint(
-        path,
-        {
-            "model": unet.state_dict(),
-            "ema": ema.state_dict(),
-            "opt": opt.state_dict(),
-            "step": step,
-            "best": best,
-            "seconds": seconds,
-        },
-    )
+    save_checkpoint(path, unet_state(seconds))
 
 
 def run(recipe: Recipe, work: Path, out: Path, deadline: float | None = None, stage: str = "all") -> None:

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _JobLog:
+    user_id: str = ""
     events: list[JobEvent] = field(default_factory=list)
     subscribers: list[asyncio.Queue[JobEvent]] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -137,8 +138,6 @@ class EngineJobRunner:
         self.poll_s = poll_s
         self.worker_id = f"engine-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"[:64]
         self._logs: dict[str, _JobLog] = {}
-        self._owners: dict[str, str] = {}
-        """The user of each job in `_logs`."""
         self._finished: OrderedDict[str, _JobLog] = OrderedDict()
         self._history_jobs = history_jobs
         self._pending: dict[str, deque[EngineEvent]] = {}
@@ -209,7 +208,7 @@ class EngineJobRunner:
         return self.engine.queue_position(job_id), None if eta is None else round(eta, 3)
 
     def active_jobs(self, user_id: str) -> int:
-        return sum(1 for owner in self._owners.values() if owner == user_id)
+        return sum(1 for job_log in self._logs.values() if job_log.user_id == user_id)
 
     async def events(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
         """The job's events with ids above `after`: replayed, then live, ending with the terminal one.
@@ -249,22 +248,17 @@ class EngineJobRunner:
     async def _enqueue(self, view: jobs.JobView) -> None:
         if view.terminal or view.id in self._logs:
             return
-        self._logs[view.id] = _JobLog()  # before any await: a second submit of it is a no-op
-        self._owners[view.id] = view.user_id
+        self._logs[view.id] = _JobLog(view.user_id)  # before any await: a second submit is a no-op
         try:
             plan = await asyncio.to_thread(self.plans.get, view.plan_name)
             inputs = await asyncio.to_thread(self._inputs, view)
             request = engine_request(view.id, view.user_id, plan, view, attempts=view.attempts, inputs=inputs)
             added = self.engine.add_request(request)
         except BaseException:
-            self._forget(view.id)
+            self._logs.pop(view.id, None)
             raise
         if not added:  # this engine already finished it
-            self._forget(view.id)
-
-    def _forget(self, job_id: str) -> None:
-        self._logs.pop(job_id, None)
-        self._owners.pop(job_id, None)
+            self._logs.pop(view.id, None)
 
     def _inputs(self, view: jobs.JobView) -> dict[str, bytes]:
         paths = view.params.get("inputs") or {}
@@ -351,7 +345,7 @@ class EngineJobRunner:
         """The terminal event says what the database holds (a cancel may have won over a completion)."""
         view = await asyncio.to_thread(jobs.get_job, self.db, job_id)
         job_log.publish(*terminal_event(view))
-        self._forget(job_id)
+        self._logs.pop(job_id, None)
         self._finished[job_id] = job_log
         while len(self._finished) > self._history_jobs:
             self._finished.popitem(last=False)
