@@ -136,6 +136,8 @@ class Server:
     loop: asyncio.AbstractEventLoop
     uvicorn: Any = None
     thread: threading.Thread | None = None
+    scheduler: Any = None
+    """The `SchedulerHost` started with it (engine, executor), if any."""
 
     @property
     def state(self) -> Any:
@@ -162,16 +164,54 @@ class Server:
         assert not self.thread.is_alive(), "the server did not stop"
 
 
+def free_port() -> int:
+    with free_port_socket() as sock:
+        return sock.getsockname()[1]
+
+
+def with_scheduler_ports(settings: Settings) -> Settings:
+    """Settings whose scheduler channel listens on two free local ports."""
+    return settings.model_copy(update={
+        "scheduler_url": f"tcp://127.0.0.1:{free_port()}",
+        "scheduler_events_url": f"tcp://127.0.0.1:{free_port()}",
+    })
+
+
 @pytest.fixture
-def start_server() -> Iterator[Callable[..., Server]]:
-    """Start Kiln servers in threads: `start_server(settings, clock=…, runner_factory=…)`."""
+def start_scheduler() -> Iterator[Callable[..., Any]]:
+    """Start schedulers (engine, executor, workers) on threads of their own: `start_scheduler(settings)`."""
+    from kiln.service.scheduler_host import SchedulerHost
+
+    running: list[SchedulerHost] = []
+
+    def start(settings: Settings) -> SchedulerHost:
+        host = SchedulerHost(settings)
+        host.start_in_thread()
+        running.append(host)
+        return host
+
+    yield start
+    for host in running:
+        host.stop_thread()
+
+
+@pytest.fixture
+def start_server(start_scheduler: Callable[..., Any]) -> Iterator[Callable[..., Server]]:
+    """Start Kiln servers: a scheduler and an API process's app (uvicorn) on threads of their own,
+    talking over the real channel: `start_server(settings, clock=…)`; `scheduler=False` starts the
+    API alone (its settings must name a scheduler started elsewhere)."""
     import uvicorn
 
-    from kiln.api.app import create_app
+    from kiln.app import create_app
 
     running: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(settings: Settings, **kwargs: Any) -> Server:
+    def start(settings: Settings, *, scheduler: bool = True, wait_for_scheduler: bool = True,
+              **kwargs: Any) -> Server:
+        host = None
+        if scheduler:
+            settings = with_scheduler_ports(settings)
+            host = start_scheduler(settings)
         app = create_app(settings, **kwargs)
         sock = free_port_socket()
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
@@ -191,8 +231,11 @@ def start_server() -> Iterator[Callable[..., Server]]:
             if not thread.is_alive():
                 raise RuntimeError("the test server failed to start")
             threading.Event().wait(0.01)
-        host, port = sock.getsockname()
-        return Server(f"http://{host}:{port}", app, loops[0], server, thread)
+        host_name, port = sock.getsockname()
+        result = Server(f"http://{host_name}:{port}", app, loops[0], server, thread, scheduler=host)
+        if wait_for_scheduler and (scheduler or settings.scheduler_url):
+            assert result.call(app.state.kiln.runner.wait_available(30), 40), "no scheduler heartbeat"
+        return result
 
     yield start
     for server, thread in running:

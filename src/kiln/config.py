@@ -130,6 +130,19 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(30.0, ge=1.0, le=3600.0)
     """A server renews the leases of the jobs it runs every third of this; a job whose lease lapsed
     (its server died) is taken over and run again by a live server."""
+    scheduler_url: str = "tcp://127.0.0.1:8001"
+    """Where the scheduler listens for API processes (a ZMQ address: it binds, API processes connect;
+    `tcp://0.0.0.0:8001` on the scheduler's machine, its name or address on the API machines)."""
+    scheduler_events_url: str = "tcp://127.0.0.1:8002"
+    """Where the scheduler publishes job updates and its heartbeat to every API process."""
+    scheduler_id: str | None = None
+    """This scheduler's name in job leases; None: the host name and `scheduler_url`'s port. A
+    scheduler restarted under the same id runs what its previous life left at once."""
+    scheduler_timeout_s: float = Field(1.0, gt=0, le=60)
+    """An API process treats the scheduler as away when it has not heard from it for this long (and
+    waits at most this long for an admission answer); it then answers 503 with a Retry-After."""
+    key_revocation_poll_s: float = Field(0.5, gt=0, le=60)
+    """How often each API process reads the keys revoked since its last look (refused within this)."""
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     """Largest request body accepted for image edits."""
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)

@@ -1,4 +1,4 @@
-"""The app factory: settings, database, registry and routes are built here, never at import time."""
+"""The API's app factory: settings, database, registry and routes are built here, never at import time."""
 
 from __future__ import annotations
 
@@ -11,20 +11,20 @@ from kiln import __version__
 from kiln.api.body_limit import BodySizeLimit
 from kiln.api.errors import install_error_handlers
 from kiln.api.routes import health, images, jobs, keys, metrics, models, usage
-from kiln.api.state import AppState, RunnerFactory
+from kiln.api.state import AppState
 from kiln.config import Settings, load_settings
 from kiln.service.clock import Clock
-from kiln.web import install_web
 
 
-def create_app(
+def create_api_app(
     settings: Settings | None = None,
     *,
     clock: Clock | None = None,
-    runner_factory: RunnerFactory | None = None,
 ) -> FastAPI:
+    """The API process's app: its routes and a link to the scheduler (a separate process, or in
+    tests a `SchedulerHost` beside it), which runs the jobs. `kiln.app.create_app` adds the web UI."""
     settings = settings or load_settings()
-    state = AppState.build(settings, clock=clock, runner_factory=runner_factory)
+    state = AppState.build(settings, clock=clock)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -40,7 +40,6 @@ def create_app(
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(models.router)
-    install_web(app, state)
     app.include_router(images.router)
     app.include_router(usage.router)
     app.include_router(jobs.router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -9,8 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from kiln.api.state import AppState
 from kiln.errors import AuthenticationFailed
-from kiln.service.accounts import Account, authenticate_key
-from kiln.web.session import session_account
+from kiln.service.accounts import Account
 
 _bearer = HTTPBearer(auto_error=False, description="A Kiln API key, `kiln-…`.")
 
@@ -19,21 +19,22 @@ def app_state(request: Request) -> AppState:
     return request.app.state.kiln
 
 
-def current_account(
+async def current_account(
     request: Request,
     state: Annotated[AppState, Depends(app_state)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Account:
-    """The key's owner; checked against the database on every request, so a revoked key fails at once.
-    Without a key, the web UI's signed-in user (CSRF-checked for state-changing calls).
-    (A sync dependency: FastAPI runs it in its thread pool.)"""
+    """The key's owner, from the key cache (a revocation anywhere is refused within a second).
+    Without a key, the web UI's signed-in user (CSRF-checked for state-changing calls)."""
     if credentials is None or not credentials.credentials:
-        if (browser := session_account(request)) is not None:
-            return browser
+        if state.browser_account is not None:
+            browser = await asyncio.to_thread(state.browser_account, request)
+            if browser is not None:
+                return browser
         raise AuthenticationFailed(
             "You didn't provide an API key. Send it as 'Authorization: Bearer kiln-…'."
         )
-    return authenticate_key(state.db, credentials.credentials.strip())
+    return await state.keys.authenticate(credentials.credentials.strip())
 
 
 State = Annotated[AppState, Depends(app_state)]

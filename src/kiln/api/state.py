@@ -1,9 +1,15 @@
-"""Everything a running server holds, built once by the app factory and reached via `request.app`."""
+"""Everything an API process holds, built once by the app factory and reached via `request.app`.
+
+The API process never runs the engine: it admits jobs (refusals from memory, the scheduler's estimate,
+the admission transaction) and follows them through `SchedulerClient`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
@@ -11,26 +17,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.config import Settings
 from kiln.db.engine import make_engine, make_session_factory
-from kiln.engine import EngineMetrics, build_local_engine
+from kiln.engine import AdmissionMetrics
 from kiln.service import content_credentials
 from kiln.service.clock import Clock, SystemClock
-from kiln.service.engine_runner import EngineJobRunner
+from kiln.service.job_admission import AdmissionWriter
+from kiln.service.key_cache import KeyCache
 from kiln.service.moderation import Moderation
 from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
-from kiln.service.runner import JobRunner
+from kiln.service.refusals import Refusals
+from kiln.service.scheduler_client import SchedulerClient
 from kiln.service.storage import ImageStore
 from kiln.worker.registry import ModelRegistry
 
-RunnerFactory = Callable[["AppState"], JobRunner]
-"""Builds the job runner from the rest of the state (tests wrap the default one here)."""
-
-
-def engine_runner(state: AppState) -> EngineJobRunner:
-    """The scheduler over local worker processes: every job runs through the engine."""
-    engine, executor = build_local_engine(state.settings, metrics=state.metrics)
-    return EngineJobRunner(state.db, state.store, state.plans, engine, executor,
-                           lease_s=state.settings.job_lease_s)
+BrowserAccount = Callable[[Any], Any]
+"""The web UI's signed-in account for a request without an API key (installed by the web UI)."""
 
 
 @dataclass
@@ -45,17 +46,20 @@ class AppState:
     store: ImageStore = field(default=None)  # type: ignore[assignment]
     plans: PlanCache = field(default=None)  # type: ignore[assignment]
     moderation: Moderation = field(default=None)  # type: ignore[assignment]
-    runner: JobRunner = field(default=None)  # type: ignore[assignment]
+    refusals: Refusals = field(default_factory=Refusals)
+    keys: KeyCache = field(default=None)  # type: ignore[assignment]
+    admissions: AdmissionWriter = field(default=None)  # type: ignore[assignment]
+    runner: SchedulerClient = field(default=None)  # type: ignore[assignment]
     metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    """The engine's Prometheus series (`GET /metrics`); never the process-global registry."""
-    metrics: EngineMetrics = field(default=None)  # type: ignore[assignment]
+    """This process's Prometheus series (`GET /metrics` adds the scheduler's); never the global one."""
+    metrics: AdmissionMetrics = field(default=None)  # type: ignore[assignment]
+    browser_account: BrowserAccount | None = None
 
     @classmethod
-    def build(
-        cls, settings: Settings, *, clock: Clock | None = None, runner_factory: RunnerFactory | None = None
-    ) -> AppState:
+    def build(cls, settings: Settings, *, clock: Clock | None = None) -> AppState:
         engine = make_engine(settings.database_url)
         db = make_session_factory(engine)
+        refusals = Refusals()
         state = cls(
             settings=settings,
             engine=engine,
@@ -69,17 +73,26 @@ class AppState:
             ),
             plans=PlanCache(db, settings.live_settings_poll_s),
             moderation=Moderation(settings.moderation_blocklist),
+            refusals=refusals,
+            keys=KeyCache(db, refresh_s=settings.key_revocation_poll_s),
+            admissions=AdmissionWriter(engine),
+            runner=SchedulerClient(db, refusals, control_url=settings.scheduler_url,
+                                   events_url=settings.scheduler_events_url,
+                                   timeout_s=settings.scheduler_timeout_s),
         )
-        state.metrics = EngineMetrics(state.metrics_registry)
-        state.runner = (runner_factory or engine_runner)(state)
+        state.metrics = AdmissionMetrics(state.metrics_registry)
         return state
 
     async def start(self) -> None:
-        ensure_plans(self.db, self.settings.plans)
+        await asyncio.to_thread(ensure_plans, self.db, self.settings.plans)
+        self.admissions.start()
+        await self.keys.start()
         await self.runner.start()
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
         await self.runner.stop()
+        await self.keys.stop()
+        await asyncio.to_thread(self.admissions.stop)
         self.engine.dispose()

@@ -58,6 +58,11 @@ def _write_lock(engine: Engine) -> threading.Lock:
         return _write_locks.setdefault(engine, threading.Lock())
 
 
+def write_lock(engine: Engine):  # type: ignore[no-untyped-def]
+    """This process's SQLite writer mutex (see `write_transaction`); nothing on PostgreSQL."""
+    return _write_lock(engine) if is_sqlite(engine) else nullcontext()
+
+
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 

@@ -5,7 +5,7 @@ about waits. It knows tenants, plans, weights and batch keys — never accounts,
 from kiln.engine.config import EngineConfig
 from kiln.engine.core import EngineCore
 from kiln.engine.loop import AsyncEngine, build_local_engine
-from kiln.engine.metrics import EngineMetrics
+from kiln.engine.metrics import AdmissionMetrics, EngineMetrics
 from kiln.engine.types import (
     Admitted,
     BatchKey,
@@ -23,6 +23,7 @@ from kiln.engine.types import (
 )
 
 __all__ = [
+    "AdmissionMetrics",
     "Admitted",
     "AsyncEngine",
     "BatchKey",

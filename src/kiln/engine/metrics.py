@@ -14,8 +14,27 @@ WAIT_BUCKETS_S = (0.1, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
+class AdmissionMetrics:
+    """Refusals and degradations, counted where admission is decided (the API processes)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.refusals = Counter("kiln_admission_refusals", "Requests refused at admission, by reason.",
+                                ["plan", "reason"], registry=registry)
+        self.degradations = Counter("kiln_admission_degraded", "Requests admitted degraded, by plan.",
+                                    ["plan"], registry=registry)
+
+    def refused(self, plan: str, reason: str) -> None:
+        self.refusals.labels(plan, reason).inc()
+
+    def degraded(self, plan: str) -> None:
+        self.degradations.labels(plan).inc()
+
+
 class EngineMetrics:
-    def __init__(self, registry: CollectorRegistry, *, gpu: bool = True) -> None:
+    """`admission=False` where another process counts admissions (the scheduler process: its API
+    processes do), so the two expositions never both carry those series."""
+
+    def __init__(self, registry: CollectorRegistry, *, gpu: bool = True, admission: bool = True) -> None:
         self.registry = registry
         self.queue_depth = Gauge("kiln_queue_depth", "Jobs waiting, by plan (relax: the idle-only queue).",
                                  ["plan"], registry=registry)
@@ -28,20 +47,19 @@ class EngineMetrics:
                                       buckets=BATCH_BUCKETS, registry=registry)
         self.gpu_seconds_by_plan = Counter("kiln_gpu_seconds", "Worker seconds spent, split by plan by work.",
                                            ["plan"], registry=registry)
-        self.refusals = Counter("kiln_admission_refusals", "Requests refused at admission, by reason.",
-                                ["plan", "reason"], registry=registry)
-        self.degradations = Counter("kiln_admission_degraded", "Requests admitted degraded, by plan.",
-                                    ["plan"], registry=registry)
+        self.admission = AdmissionMetrics(registry) if admission else None
         self._plans_seen: set[str] = set()
         self.gpu_collector: NvmlCollector | None = NvmlCollector.create() if gpu else None
         if self.gpu_collector is not None:
             registry.register(self.gpu_collector)
 
     def refused(self, plan: str, reason: str) -> None:
-        self.refusals.labels(plan, reason).inc()
+        if self.admission is not None:
+            self.admission.refused(plan, reason)
 
     def degraded(self, plan: str) -> None:
-        self.degradations.labels(plan).inc()
+        if self.admission is not None:
+            self.admission.degraded(plan)
 
     def dispatched(self, plan: str, wait_s: float) -> None:
         self.queue_wait.labels(plan).observe(max(0.0, wait_s))

@@ -1,5 +1,5 @@
-"""Jobs: admission (limits, idempotency, quota reservation and the job row, in one transaction), and the
-transitions a runner drives — running, succeeded (images stored, charge committed), failed or cancelled
+"""Jobs: their views, admission in a transaction of its own (the statements live in `job_admission`),
+and the transitions the scheduler drives — running, succeeded (images stored, charge committed), failed or cancelled
 (charge refunded exactly once).
 
 Every transition is a conditional UPDATE on the job's status, so calling one twice, or racing a cancel
@@ -12,22 +12,23 @@ import datetime as dt
 import hashlib
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image as PILImage
-from sqlalchemy import func, select, update
+from sqlalchemy import case, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.db.engine import write_transaction
-from kiln.db.models import Image, Job, User, new_id, utcnow
-from kiln.errors import IdempotencyMismatch, InvalidRequest, NotFound, QuotaExceeded, RateLimited
+from kiln.db.models import Image, Job, new_id, utcnow
+from kiln.errors import NotFound
 from kiln.service import provenance, quota
 from kiln.service.accounts import Account
+from kiln.service.job_admission import ACTIVE, AdmissionRow, admit_one
 from kiln.service.plans import PlanLimits
 from kiln.service.storage import ImageStore, image_path, upload_dir
 
-ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
 _NO_SYNC = {"synchronize_session": False}
 
@@ -106,6 +107,8 @@ class Admission:
     job: JobView
     created: bool
     """False when an Idempotency-Key matched an earlier job (nothing was charged again)."""
+    expected_wait_s: float | None = None
+    """The scheduler's estimate of the wait when it admitted the job (None: it was not asked)."""
 
 
 def request_hash(payload: dict[str, Any], files: dict[str, bytes] | None = None) -> str:
@@ -117,15 +120,28 @@ def request_hash(payload: dict[str, Any], files: dict[str, bytes] | None = None)
 
 
 def _view(job: Job, image_ids: tuple[str, ...] = ()) -> JobView:
+    return view_of_row({c.key: getattr(job, c.key) for c in Job.__table__.columns}, image_ids)
+
+
+def view_of_row(row: Mapping[str, Any], image_ids: tuple[str, ...] = ()) -> JobView:
+    """A job's view from its row's columns (an ORM object's, or what an INSERT wrote)."""
     return JobView(
-        id=job.id, user_id=job.user_id, status=job.status, kind=job.kind, model=job.model,
-        prompt=job.prompt, n=job.n, width=job.width, height=job.height, steps=job.steps,
-        guidance_scale=job.guidance_scale, seed=job.seed, params=dict(job.params or {}),
-        charge_state=job.charge_state, charge_units=job.charge_units, error_code=job.error_code,
-        error_message=job.error_message, created_at=job.created_at, started_at=job.started_at,
-        finished_at=job.finished_at, image_ids=image_ids, plan_name=job.plan_name,
-        attempts=job.attempts or 0, relax=bool(job.relax), degraded=job.degraded,
+        id=row["id"], user_id=row["user_id"], status=row["status"], kind=row["kind"], model=row["model"],
+        prompt=row["prompt"], n=row["n"], width=row["width"], height=row["height"], steps=row["steps"],
+        guidance_scale=row["guidance_scale"], seed=row["seed"], params=dict(row["params"] or {}),
+        charge_state=row["charge_state"], charge_units=row["charge_units"], error_code=row.get("error_code"),
+        error_message=row.get("error_message"), created_at=_aware(row["created_at"]),
+        started_at=_aware(row.get("started_at")), finished_at=_aware(row.get("finished_at")),
+        image_ids=image_ids, plan_name=row["plan_name"], attempts=row.get("attempts") or 0,
+        relax=bool(row.get("relax")), degraded=row.get("degraded"),
     )
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite hands datetimes back naive; they were written in UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
 
 
 def _image_ids(session: Session, job_id: str) -> tuple[str, ...]:
@@ -135,6 +151,38 @@ def _image_ids(session: Session, job_id: str) -> tuple[str, ...]:
 def _load(session: Session, job_id: str) -> JobView | None:
     job = session.get(Job, job_id, populate_existing=True)
     return None if job is None else _view(job, _image_ids(session, job_id))
+
+
+def job_values(spec: JobSpec, params: dict[str, Any], degraded: dict[str, Any] | None) -> dict[str, Any]:
+    """The job row's columns that the request decides."""
+    return dict(kind=spec.kind, model=spec.model, prompt=spec.prompt, n=spec.n, width=spec.width,
+                height=spec.height, steps=spec.steps, guidance_scale=spec.guidance_scale, seed=spec.seed,
+                params=params, degraded=degraded)
+
+
+def admission_row(
+    store: ImageStore, user_id: str, plan: PlanLimits, spec: JobSpec, now: dt.datetime, *,
+    idempotency_key: str | None = None, request_hash: str | None = None,
+    uploads: dict[str, bytes] | None = None, degraded: dict[str, Any] | None = None,
+    lease_to: str | None = None, lease_s: float = 30.0,
+) -> AdmissionRow:
+    """The admission of `spec`, its uploads (an edit's inputs) written to the store first."""
+    job_id = new_id("job")
+    params = dict(spec.params)
+    if uploads:
+        folder = upload_dir(job_id)
+        for name, content in uploads.items():
+            store.write(f"{folder}/{name}.png", content)
+        params["inputs"] = {name: f"{folder}/{name}.png" for name in uploads}
+    return AdmissionRow(user_id=user_id, plan=plan, values=job_values(spec, params, degraded), now=now,
+                        idempotency_key=idempotency_key, request_hash=request_hash, lease_to=lease_to,
+                        lease_s=lease_s, job_id=job_id)
+
+
+def discard_uploads(store: ImageStore, item: AdmissionRow) -> None:
+    """An admission that did not create its job keeps no uploaded files."""
+    if item.values["params"].get("inputs"):
+        store.remove_tree(upload_dir(item.job_id))
 
 
 def create_job(
@@ -149,80 +197,22 @@ def create_job(
     request_hash: str | None = None,
     uploads: dict[str, bytes] | None = None,
     degraded: dict[str, Any] | None = None,
+    lease_to: str | None = None,
 ) -> Admission:
-    """Admit a job atomically: idempotency, the plan's limits and the quota reservation are checked and
-    the job row inserted in one write transaction, so any number of servers agree. `degraded` records
-    what admission changed to meet the plan's wait target.
-
-    Past the daily quota a plan with `relax_mode` admits the job anyway, uncharged, as relax work
-    (the engine runs it only when nothing else can run). Raises InvalidRequest (n > max_n),
-    IdempotencyMismatch, QuotaExceeded or RateLimited.
-    """
-    if spec.n > plan.max_n:
-        raise InvalidRequest(
-            f"Your plan ({plan.name}) allows at most {plan.max_n} image(s) per request.", param="n"
-        )
-    job_id = new_id("job")
-    params = dict(spec.params)
-    if uploads:
-        folder = upload_dir(job_id)
-        for name, content in uploads.items():
-            store.write(f"{folder}/{name}.png", content)
-        params["inputs"] = {name: f"{folder}/{name}.png" for name in uploads}
+    """Admit a job in a transaction of its own (`job_admission.admit_in`: idempotency, the plan's
+    limits, the quota reservation and the row). Past the daily quota a plan with `relax_mode` admits
+    it uncharged as relax work. Raises InvalidRequest (n > max_n), IdempotencyMismatch, QuotaExceeded
+    or RateLimited. The API's hot path runs the same statements in groups (`AdmissionWriter`)."""
+    item = admission_row(store, account.user_id, plan, spec, now, idempotency_key=idempotency_key,
+                         request_hash=request_hash, uploads=uploads, degraded=degraded, lease_to=lease_to)
     try:
-        with write_transaction(db) as session:
-            # Serialise admissions per user (SQLite's BEGIN IMMEDIATE already serialises all writers).
-            session.execute(select(User.id).where(User.id == account.user_id).with_for_update())
-            if idempotency_key is not None:
-                earlier = session.scalar(
-                    select(Job).where(Job.user_id == account.user_id, Job.idempotency_key == idempotency_key)
-                )
-                if earlier is not None:
-                    if earlier.request_hash != request_hash:
-                        raise IdempotencyMismatch(
-                            "This Idempotency-Key was already used with a different request body.",
-                            param="Idempotency-Key",
-                        )
-                    admission = Admission(_view(earlier, _image_ids(session, earlier.id)), created=False)
-                    if uploads:
-                        store.remove_tree(upload_dir(job_id))
-                    return admission
-            active = session.scalar(
-                select(func.count()).select_from(Job).where(
-                    Job.user_id == account.user_id, Job.status.in_(ACTIVE)
-                )
-            )
-            # Quota first: "used up for today" is the more useful refusal than "busy right now".
-            relax, units = False, spec.n
-            try:
-                day = quota.reserve(session, account.user_id, spec.n, plan.images_per_day, now)
-            except QuotaExceeded:
-                if not plan.relax_mode:
-                    raise
-                relax, units, day = True, 0, quota.quota_day(now)
-            if (active or 0) >= plan.max_concurrent:
-                raise concurrency_refusal(plan)
-            job = Job(
-                id=job_id, user_id=account.user_id, plan_name=plan.name, status="queued", kind=spec.kind,
-                model=spec.model, prompt=spec.prompt, n=spec.n, width=spec.width, height=spec.height,
-                steps=spec.steps, guidance_scale=spec.guidance_scale, seed=spec.seed, params=params,
-                charge_units=units, charge_day=day, charge_state="reserved", relax=relax,
-                idempotency_key=idempotency_key, request_hash=request_hash, degraded=degraded,
-            )
-            session.add(job)
-            session.flush()
-            return Admission(_view(job), created=True)
+        admitted = admit_one(db.kw["bind"], item)
     except BaseException:
-        if uploads:
-            store.remove_tree(upload_dir(job_id))
+        discard_uploads(store, item)
         raise
-
-
-def concurrency_refusal(plan: PlanLimits) -> RateLimited:
-    return RateLimited(
-        f"Your plan ({plan.name}) allows {plan.max_concurrent} job(s) at once; wait for one to finish.",
-        retry_after_s=1.0,
-    )
+    if not admitted.created:
+        discard_uploads(store, item)
+    return Admission(view_of_row(admitted.row), created=admitted.created)
 
 
 def get_job(db: sessionmaker[Session], job_id: str, user_id: str | None = None) -> JobView:
@@ -249,17 +239,16 @@ def list_jobs(db: sessionmaker[Session], user_id: str, limit: int = 20) -> list[
         return [_view(job, _image_ids(session, job.id)) for job in jobs]
 
 
-def mark_running(db: sessionmaker[Session], job_id: str, attempt: int | None = None) -> JobView | None:
-    """A queued job starts (its `attempt`-th start; default: one more); None if it is no longer queued."""
+def mark_running(db: sessionmaker[Session], job_id: str, attempt: int | None = None) -> bool:
+    """A queued job starts (its `attempt`-th start; default: one more); False if it is no longer queued."""
     with write_transaction(db) as session:
-        claimed = session.execute(
+        return session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "queued")
             .values(status="running", started_at=utcnow(),
                     attempts=Job.attempts + 1 if attempt is None else attempt)
             .execution_options(**_NO_SYNC)
-        ).rowcount
-        return _load(session, job_id) if claimed == 1 else None
+        ).rowcount == 1
 
 
 def requeue_job(db: sessionmaker[Session], job_id: str) -> bool:
@@ -273,50 +262,72 @@ def requeue_job(db: sessionmaker[Session], job_id: str) -> bool:
         ).rowcount == 1
 
 
-def complete_job(
-    db: sessionmaker[Session], store: ImageStore, job_id: str, images: list[PILImage.Image | bytes]
-) -> list[str]:
-    """Store the images, their rows and the final charge; the job succeeds. A second call, or a call
-    for a job that was cancelled or failed meanwhile, changes nothing. Returns the job's image ids."""
-    with db() as session:
-        job = _load(session, job_id)
-    if job is None:
-        raise NotFound(f"No job found with id '{job_id}'.", param="job_id")
-    if job.status not in ACTIVE:
-        return list(job.image_ids)
+class JobFacts(Protocol):
+    """What storing a job's images needs to know of it (a JobView, or the scheduler's Ticket)."""
+
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def params(self) -> dict[str, Any]: ...
+
+
+def store_images(
+    db: sessionmaker[Session], store: ImageStore, job_id: str, job: JobFacts,
+    images: list[PILImage.Image | bytes],
+) -> JobView:
+    """Encode each image once (provenance embedded, C2PA-signed), store it, then in one transaction
+    the job succeeds, its image rows are written and its charge made final. A call for a job that
+    was cancelled or failed meanwhile stores nothing. Returns the job as the database now has it."""
     fmt = job.params.get("output_format", "png")
     compression = job.params.get("output_compression")
-    rows: list[Image] = []
+    rows: list[dict[str, Any]] = []
     for index, item in enumerate(images):
         picture = PILImage.open(io.BytesIO(item)) if isinstance(item, bytes) else item
         image_id = new_id("img")
         record = provenance.record(
-            model=job.model, seed=job.seed + index, job_id=job.id, image_id=image_id, prompt=job.prompt
+            model=job.model, seed=job.seed + index, job_id=job_id, image_id=image_id, prompt=job.prompt
         )
         content = provenance.encode(picture, fmt, compression, record)
         if store.credentials is not None:
             content = store.credentials.sign(content, fmt, record)
         rel = image_path(job.user_id, image_id, fmt)
         size = store.write(rel, content)
-        rows.append(Image(
-            id=image_id, job_id=job.id, user_id=job.user_id, index=index, path=rel, format=fmt,
+        rows.append(dict(
+            id=image_id, job_id=job_id, user_id=job.user_id, index=index, path=rel, format=fmt,
             width=picture.width, height=picture.height, seed=job.seed + index, size_bytes=size,
-            provenance=record,
+            provenance=record, created_at=utcnow(),
         ))
     with write_transaction(db) as session:
         done = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status.in_(ACTIVE))
-            .values(status="succeeded", finished_at=utcnow())
-            .execution_options(**_NO_SYNC)
-        ).rowcount
-        if done == 1:
-            session.add_all(rows)
-            quota.commit_charge(session, job_id)
-            return [row.id for row in rows]
+            .values(status="succeeded", finished_at=utcnow(), charge_state=case(
+                (Job.charge_state == "reserved", "committed"), else_=Job.charge_state))
+            .returning(*Job.__table__.columns)
+        ).mappings().first()
+        if done is not None:
+            if rows:
+                session.execute(insert(Image.__table__), rows)
+            return view_of_row(done, tuple(row["id"] for row in rows))
     for row in rows:  # lost the race to a cancel or another completion: keep no orphan files
-        store.path(row.path).unlink(missing_ok=True)
-    return list(get_job(db, job_id).image_ids)
+        store.path(row["path"]).unlink(missing_ok=True)
+    return get_job(db, job_id)
+
+
+def complete_job(
+    db: sessionmaker[Session], store: ImageStore, job_id: str, images: list[PILImage.Image | bytes]
+) -> list[str]:
+    """`store_images` for a job known by id; returns its image ids (none if it ended otherwise)."""
+    job = get_job(db, job_id)
+    if job.status not in ACTIVE:
+        return list(job.image_ids)
+    return list(store_images(db, store, job_id, job, images).image_ids)
 
 
 def fail_job(db: sessionmaker[Session], job_id: str, code: str, message: str) -> bool:
@@ -349,66 +360,9 @@ def cancel_job(db: sessionmaker[Session], job_id: str, user_id: str | None) -> J
     return get_job(db, job_id)
 
 
-def lease_jobs(db: sessionmaker[Session], job_ids: list[str], worker_id: str, until: dt.datetime) -> int:
-    """Mark unfinished jobs as held by `worker_id` until `until`; a holder renews or loses them."""
-    if not job_ids:
-        return 0
-    with write_transaction(db) as session:
-        return session.execute(
-            update(Job)
-            .where(Job.id.in_(job_ids), Job.status.in_(ACTIVE))
-            .values(worker_id=worker_id, lease_expires_at=until)
-            .execution_options(**_NO_SYNC)
-        ).rowcount
-
-
-def renew_leases(db: sessionmaker[Session], worker_id: str, until: dt.datetime) -> int:
-    with write_transaction(db) as session:
-        return session.execute(
-            update(Job)
-            .where(Job.worker_id == worker_id, Job.status.in_(ACTIVE))
-            .values(lease_expires_at=until)
-            .execution_options(**_NO_SYNC)
-        ).rowcount
-
-
-def adopt_orphans(
-    db: sessionmaker[Session], worker_id: str, until: dt.datetime, now: dt.datetime, grace_s: float
-) -> list[JobView]:
-    """Take over unfinished jobs whose holder stopped renewing its lease (a killed or stopped server),
-    and jobs never leased that are older than `grace_s`: they are leased to `worker_id`, set back to
-    queued, and returned for it to run. Each claim is a conditional UPDATE, so of several servers
-    sweeping at once exactly one gets each job."""
-    unleased_before = now - dt.timedelta(seconds=grace_s)
-    orphaned = (Job.lease_expires_at < now) | (Job.lease_expires_at.is_(None) & (Job.created_at < unleased_before))
+def active_job_ids(db: sessionmaker[Session], user_id: str) -> set[str]:
     with db() as session:
-        candidates = list(session.scalars(
-            select(Job.id).where(Job.status.in_(ACTIVE), orphaned).order_by(Job.created_at)
-        ))
-    claimed: list[str] = []
-    for job_id in candidates:
-        with write_transaction(db) as session:
-            if session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status.in_(ACTIVE), orphaned)
-                .values(status="queued", worker_id=worker_id, lease_expires_at=until)
-                .execution_options(**_NO_SYNC)
-            ).rowcount == 1:
-                claimed.append(job_id)
-    with db() as session:
-        return [view for job_id in claimed if (view := _load(session, job_id)) is not None]
-
-
-def release_leases(db: sessionmaker[Session], worker_id: str, now: dt.datetime) -> int:
-    """A stopping server hands its unfinished jobs back: queued again, lease lapsed, so the next
-    server to start (or any live one) adopts and runs them; their charge stays reserved."""
-    with write_transaction(db) as session:
-        return session.execute(
-            update(Job)
-            .where(Job.worker_id == worker_id, Job.status.in_(ACTIVE))
-            .values(status="queued", lease_expires_at=now - dt.timedelta(seconds=1))
-            .execution_options(**_NO_SYNC)
-        ).rowcount
+        return set(session.scalars(select(Job.id).where(Job.user_id == user_id, Job.status.in_(ACTIVE))))
 
 
 def finished_among(db: sessionmaker[Session], job_ids: list[str]) -> list[str]:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,15 @@ class PlanCache:
         if plan is None:
             raise ConfigError(f"plan {name!r} does not exist")
         return plan
+
+    async def get_async(self, name: str) -> PlanLimits:
+        """`get` without blocking the event loop: from memory while fresh, else read in a thread."""
+        now = self._monotonic()
+        if self._loaded_at is not None and now - self._loaded_at < self._ttl_s:
+            plan = self._plans.get(name)
+            if plan is not None:
+                return plan
+        return await asyncio.to_thread(self.get, name)
 
     def invalidate(self) -> None:
         with self._lock:

@@ -1,9 +1,9 @@
 """The web UI: the chat at `/` and the operator's dashboard at `/admin`, server-rendered pages with
 one small script and one stylesheet, every asset served by Kiln itself (no CDN, works offline).
 
-The app factory calls `install_web(app, state)` once. The API's auth dependency calls
-`kiln.web.session.session_account(request)` when a request has no API key, so the browser uses the
-same /v1 endpoints as every other client.
+`kiln.app.create_app` calls `install_web(app, state)` once. It installs the signed-in account as
+`state.browser_account`, which the API's auth dependency asks when a request has no API key, so the
+browser uses the same /v1 endpoints as every other client (and the API never imports the web UI).
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ def install_web(app: FastAPI, state: AppState) -> None:
     """Sessions, the pages, their two JSON calls and the static files."""
     from kiln.web import admin, chat, signin
     from kiln.web.render import STATIC_DIR
-    from kiln.web.session import install_sessions
+    from kiln.web.session import install_sessions, session_account
     from kiln.web.throttle import SignInThrottle
 
     install_sessions(app, state.settings)
+    state.browser_account = session_account
     app.state.kiln_sign_in_throttle = SignInThrottle()
     admin.install_admin_errors(app)
     app.include_router(signin.router)

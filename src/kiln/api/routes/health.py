@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 router = APIRouter(tags=["health"])
 
@@ -14,17 +16,26 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def _ping(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
+    """The database, the scheduler (and its workers) and this process: 200 when all can serve."""
     state = request.app.state.kiln
     checks: dict[str, str] = {}
     try:
-        with state.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        await asyncio.wait_for(asyncio.to_thread(_ping, state.engine), 5)
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - readiness reports, never raises
         checks["database"] = f"error: {type(exc).__name__}"
     checks["server"] = "ok" if state.ready else "starting"
+    status = state.runner.status
+    checks["scheduler"] = "ok" if state.runner.available else "unavailable"
+    if status is not None and state.runner.available:
+        checks["workers"] = "ok" if status.workers > 0 else "none"
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
                         status_code=200 if ok else 503)

@@ -19,15 +19,16 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from kiln.api.admission import admit_job, degraded_header
 from kiln.api.deps import CurrentAccount, State
-from kiln.api.ratelimit import current_usage
+from kiln.api.headers import degraded_header
 from kiln.api.schemas import ERRORS, EditRequest, GenerationRequest, ImageInfo, ImagesResponse
 from kiln.api.state import AppState
 from kiln.errors import GenerationFailed, InvalidRequest, KilnError, Overloaded
 from kiln.service import content_credentials, jobs, provenance
 from kiln.service import image_requests as ir
 from kiln.service.accounts import Account
+from kiln.service.runner import JobOutcome
+from kiln.service.admission import admit_job, usage_headers
 
 router = APIRouter(prefix="/v1", tags=["images"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
@@ -75,28 +76,56 @@ async def _admit_and_wait(
     idempotency_key: str | None,
     digest: str,
     uploads: dict[str, bytes] | None = None,
-) -> ImagesResponse | StreamingResponse:
+) -> ImagesResponse | StreamingResponse | Response:
     """A synchronous generation is a job the request waits on (or, with `stream`, follows)."""
     if body.stream:
         spec.params["preview_every"] = partial_every(spec.steps, body.partial_images)
     admission = await admit_job(state, account, spec, idempotency_key=idempotency_key, digest=digest,
-                                uploads=uploads)
+                                uploads=uploads, needs_scheduler=True)
     job = admission.job
     kind = "image_edit" if uploads is not None else "image_generation"
     if body.stream:
-        headers = {**(await current_usage(state, account))[1], **degraded_header(job.degraded)}
+        headers = {**(await usage_headers(state, account))[1], **degraded_header(job.degraded)}
         return StreamingResponse(_stream(state, request, account, job, body, kind), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
-    outcome = await state.runner.wait(job.id, SYNC_WAIT_S)
+    outcome = await _wait_unless_abandoned(state, request, job.id)
+    if outcome is None:  # the client went away: its job must not take GPU time
+        await _abandon(state, job.id)
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
     if not outcome.finished:
-        await asyncio.to_thread(jobs.cancel_job, state.db, job.id, None)
-        await state.runner.cancel(job.id)
+        await _abandon(state, job.id)
         raise Overloaded("The image took too long to generate; your quota was refunded.", retry_after_s=30)
     if outcome.status != "succeeded":
         raise _failure(outcome.status, outcome.error_code)
-    response.headers.update((await current_usage(state, account))[1])
+    response.headers.update((await usage_headers(state, account))[1])
     response.headers.update(degraded_header(job.degraded))
     return await _result(state, request, account, job, body, outcome.image_ids)
+
+
+async def _wait_unless_abandoned(state: AppState, request: Request, job_id: str) -> JobOutcome | None:
+    """The job's outcome, or None as soon as the client disconnects (uvicorn then sends
+    `http.disconnect` on the request's receive channel; the body was read already)."""
+    outcome = asyncio.ensure_future(state.runner.wait(job_id, SYNC_WAIT_S))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({outcome, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if outcome.done():
+        return outcome.result()
+    outcome.cancel()
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _abandon(state: AppState, job_id: str) -> None:
+    """Cancel and refund a job nobody waits for any more (and stop it between steps)."""
+    await asyncio.to_thread(jobs.cancel_job, state.db, job_id, None)
+    await state.runner.cancel(job_id)
 
 
 def _failure(status: str, code: str | None) -> GenerationFailed:
@@ -147,13 +176,19 @@ async def _stream(
               "output_format": job.params.get("output_format", "png"),
               "quality": job.params.get("quality", "high"), "size": f"{job.width}x{job.height}"}
     partials = 0
-    async for event in state.runner.events(job.id):
-        preview = event.data.get("preview") if event.name == "progress" else None
-        if preview and partials < (body.partial_images or 0):
-            yield _sse(f"{kind}.partial_image", {"type": f"{kind}.partial_image", "job_id": job.id,
-                                                 "b64_json": preview, "partial_image_index": partials,
-                                                 **common, "output_format": "png"})
-            partials += 1
+    finished = False
+    try:
+        async for event in state.runner.events(job.id):
+            finished = event.terminal
+            preview = event.data.get("preview") if event.name == "progress" else None
+            if preview and partials < (body.partial_images or 0):
+                yield _sse(f"{kind}.partial_image", {"type": f"{kind}.partial_image", "job_id": job.id,
+                                                     "b64_json": preview, "partial_image_index": partials,
+                                                     **common, "output_format": "png"})
+                partials += 1
+    finally:
+        if not finished:  # the client went away mid-stream (Starlette cancels this generator)
+            await asyncio.shield(_abandon(state, job.id))
     view = await asyncio.to_thread(jobs.get_job, state.db, job.id)
     if view.status != "succeeded":
         error = _failure(view.status, view.error_code)

@@ -4,33 +4,32 @@ events (resumable with Last-Event-ID), list and cancel your own (404 for anyone 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from kiln.api.admission import admit_job, degraded_header
 from kiln.api.deps import CurrentAccount, State
+from kiln.api.headers import degraded_header
 from kiln.api.routes.images import _spec
 from kiln.api.schemas import ERRORS, ErrorDetail, JobInfo, JobList, JobRequest
 from kiln.api.state import AppState
 from kiln.service import image_requests as ir
 from kiln.service import jobs
-from kiln.service.runner import JobEvent
+from kiln.service.admission import admit_job
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
-SSE_HEARTBEAT_S = 15.0
 
 
-def job_info(view: jobs.JobView, state: AppState | None = None) -> JobInfo:
+def job_info(view: jobs.JobView, state: AppState | None = None, eta_s: float | None = None) -> JobInfo:
     error = None
     if view.error_code:
         error = ErrorDetail(message=view.error_message or "", type="server_error", code=view.error_code)
-    position, eta_s = (None, None)
+    position = None
     if state is not None and not view.terminal:
-        position, eta_s = state.runner.position(view.id)
+        position, known_eta_s = state.runner.position(view.id)
+        eta_s = known_eta_s if known_eta_s is not None else eta_s
     return JobInfo(
         id=view.id, status=view.status, kind=view.kind, model=view.model, n=view.n,  # type: ignore[arg-type]
         size=f"{view.width}x{view.height}", created=int(view.created_at.timestamp()),
@@ -67,8 +66,8 @@ async def submit_job(
     admission = await admit_job(state, account, spec, idempotency_key=idempotency_key, digest=digest,
                                 uploads=uploads)
     response.headers.update(degraded_header(admission.job.degraded))
-    view = await asyncio.to_thread(jobs.get_job, state.db, admission.job.id)
-    return job_info(view, state)
+    eta_s = admission.expected_wait_s
+    return job_info(admission.job, state, None if eta_s is None else round(eta_s, 3))
 
 
 @router.get("/jobs", response_model=JobList, responses=ERRORS)
@@ -92,44 +91,33 @@ async def cancel_job(job_id: str, state: State, account: CurrentAccount) -> JobI
     return job_info(view)
 
 
-@router.get("/jobs/{job_id}/events", responses={
-    200: {"content": {"text/event-stream": {}}, "description": "The job's events as they happen."},
-    204: {"description": "The job is finished and the client has seen its last event."}, **ERRORS})
-async def job_events(
+async def _resume_after(
     job_id: str,
     state: State,
     account: CurrentAccount,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-) -> Response:
-    """Server-sent events: queued, position, started, requeued, progress (with a base64 PNG preview
-    now and then), then one of completed (the stored images' ids), failed or cancelled. Each event has
-    an id; reconnecting with Last-Event-ID resumes after it."""
-    view = await asyncio.to_thread(jobs.get_job, state.db, job_id, account.user_id)  # 404 if not yours
+) -> int:
+    """Where a stream resumes; 404 if the job is not yours, 204 if its last event was seen."""
+    view = await asyncio.to_thread(jobs.get_job, state.db, job_id, account.user_id)
     after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
     last = state.runner.last_event_id(job_id)
     if view.terminal and last is not None and after >= last:
-        return Response(status_code=204)  # tells EventSource to stop reconnecting
-    return StreamingResponse(_sse(state.runner.events(job_id, after)), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        raise HTTPException(status_code=204)  # tells EventSource to stop reconnecting
+    return after
 
 
-async def _sse(events: AsyncIterator[JobEvent]) -> AsyncIterator[str]:
-    yield "retry: 1000\n\n"
-    iterator = aiter(events)
-    pending: asyncio.Future[JobEvent] | None = None
-    try:
-        while True:
-            pending = pending or asyncio.ensure_future(anext(iterator))
-            done, _ = await asyncio.wait({pending}, timeout=SSE_HEARTBEAT_S)
-            if not done:
-                yield ": keep-alive\n\n"  # proxies close quiet connections
-                continue
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield f"id: {event.id}\nevent: {event.name}\ndata: {json.dumps(event.data)}\n\n"
-    finally:
-        if pending is not None:
-            pending.cancel()
+@router.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses={
+    200: {"content": {"text/event-stream": {}}, "description": "The job's events as they happen."},
+    204: {"description": "The job is finished and the client has seen its last event."}, **ERRORS})
+async def job_events(
+    job_id: str, state: State, after: Annotated[int, Depends(_resume_after)]
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-sent events: queued, position, started, requeued, progress (with a base64 PNG preview
+    now and then), then one of completed (the stored images' ids), failed or cancelled. Each event has
+    an id; reconnecting with Last-Event-ID resumes after it. FastAPI frames them and sends keep-alive
+    comments while the job is quiet."""
+    first = True
+    async for event in state.runner.events(job_id, after):
+        yield ServerSentEvent(data=event.data, event=event.name, id=str(event.id),
+                              retry=1000 if first else None)
+        first = False

@@ -27,5 +27,8 @@ async def list_keys(state: State, account: CurrentAccount) -> list[KeyInfoRespon
 
 @router.delete("/keys/{prefix}", response_model=KeyInfoResponse, responses=ERRORS)
 async def revoke_key(prefix: str, state: State, account: CurrentAccount) -> KeyInfoResponse:
-    """Revoke one of your keys by its prefix; requests with it fail from the next one on."""
-    return _info(await asyncio.to_thread(accounts.revoke_key, state.db, prefix, user_id=account.user_id))
+    """Revoke one of your keys by its prefix (the key making this call included); requests with it
+    fail from the next one on here, and within a second on every other API process."""
+    key = await asyncio.to_thread(accounts.revoke_key, state.db, prefix, user_id=account.user_id)
+    state.keys.forget_prefix(key.prefix)
+    return _info(key)

@@ -1,4 +1,5 @@
-"""Prometheus: the engine's series from the app's own registry (never the process-global one)."""
+"""Prometheus: this API process's series (admission) and the scheduler's (engine, workers), which it
+sends with its heartbeat; never the process-global registry."""
 
 from __future__ import annotations
 
@@ -15,4 +16,5 @@ router = APIRouter(tags=["health"])
 async def metrics(state: State) -> Response:
     """Queue depth and wait per plan, images/s, batch sizes, GPU seconds per plan, refusals by reason
     (and GPU temperature/utilisation where NVML finds a GPU)."""
-    return Response(generate_latest(state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+    scheduler = state.runner.status.metrics if state.runner.status is not None else b""
+    return Response(generate_latest(state.metrics_registry) + scheduler, media_type=CONTENT_TYPE_LATEST)

@@ -5,15 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from kiln.api.deps import CurrentAccount, State
-from kiln.api.ratelimit import current_usage
 from kiln.api.schemas import ERRORS, UsageResponse
+from kiln.service.admission import usage_headers
 
 router = APIRouter(prefix="/v1", tags=["usage"])
 
 
 @router.get("/usage", response_model=UsageResponse, responses=ERRORS)
 async def get_usage(response: Response, state: State, account: CurrentAccount) -> UsageResponse:
-    usage, headers = await current_usage(state, account)
+    usage, headers = await usage_headers(state, account)
     response.headers.update(headers)
     return UsageResponse(
         plan=usage.plan, used=usage.used, limit=usage.limit, remaining=usage.remaining,

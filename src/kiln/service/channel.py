@@ -1,0 +1,211 @@
+"""The channel between API processes and the scheduler: ZMQ sockets carrying `messages` structs.
+
+The scheduler binds a ROUTER (requests from any number of API processes, each a DEALER) and a PUB
+(job updates and its heartbeat to every API process, each a SUB). TCP addresses cross machines;
+no broker or other server is needed. A request never waits on a missing scheduler for long:
+`admit` gives up after its timeout, and the API answers for itself (see `scheduler_client`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from kiln.service.messages import (
+    Admit,
+    AdmitReply,
+    Cancel,
+    JobUpdate,
+    Release,
+    Status,
+    Submit,
+    decode_from_scheduler,
+    decode_to_scheduler,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+EVENTS_HWM = 200_000
+"""Messages a slow subscriber may fall behind by before ZMQ drops (the API reconciles from the database)."""
+
+
+class SchedulerServer:
+    """The scheduler's end: answers `Admit`, takes `Submit`/`Release`/`Cancel`, publishes updates."""
+
+    def __init__(
+        self,
+        handler: Any,
+        control_url: str,
+        events_url: str,
+        *,
+        status: Callable[[], Status],
+        status_every_s: float = 0.25,
+    ) -> None:
+        self.handler = handler
+        """The `Scheduler`: admit(), submit(), release(), cancel()."""
+        self.control_url = control_url
+        self.events_url = events_url
+        self._status = status
+        self._status_every_s = status_every_s
+        self._ctx = zmq.asyncio.Context()
+        self._router: zmq.asyncio.Socket | None = None
+        self._pub: zmq.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._submits: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(self.control_url)
+        self._pub = zmq.Context.instance().socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.setsockopt(zmq.SNDHWM, EVENTS_HWM)
+        self._pub.bind(self.events_url)
+        self._tasks = [asyncio.create_task(self._serve(), name="kiln-scheduler-requests"),
+                       asyncio.create_task(self._beat(), name="kiln-scheduler-heartbeat")]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._submits, return_exceptions=True)
+        for sock in (self._router, self._pub):
+            if sock is not None:
+                sock.close(0)
+        self._ctx.term()
+
+    def publish(self, message: msgspec.Struct) -> None:
+        """Never blocks: a subscriber that cannot keep up loses messages, not the scheduler's time."""
+        if self._pub is not None:
+            with contextlib.suppress(zmq.Again):
+                self._pub.send(encode(message), zmq.NOBLOCK)
+
+    async def _serve(self) -> None:
+        assert self._router is not None
+        while True:
+            identity, payload = await self._router.recv_multipart()
+            try:
+                message = decode_to_scheduler(payload)
+            except msgspec.DecodeError:
+                log.warning("dropped a malformed message from an API process")
+                continue
+            try:
+                if isinstance(message, Admit):
+                    reply = self.handler.admit(message)
+                    await self._router.send_multipart([identity, encode(reply)])
+                elif isinstance(message, Submit):
+                    task = asyncio.create_task(self.handler.submit(message.ticket, message.hold_id))
+                    self._submits.add(task)
+                    task.add_done_callback(self._submit_done)
+                elif isinstance(message, Release):
+                    self.handler.release(message.hold_id)
+                elif isinstance(message, Cancel):
+                    self.handler.cancel(message.job_id)
+            except Exception:  # noqa: BLE001 - one bad request must not end the channel
+                log.exception("handling %s failed", type(message).__name__)
+
+    def _submit_done(self, task: asyncio.Task[None]) -> None:
+        self._submits.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("submitting a job failed", exc_info=task.exception())
+
+    async def _beat(self) -> None:
+        while True:
+            try:
+                self.publish(self._status())
+            except Exception:  # noqa: BLE001 - the heartbeat must go on
+                log.exception("building the scheduler status failed")
+            await asyncio.sleep(self._status_every_s)
+
+
+class SchedulerLink:
+    """An API process's end. `on_update` and `on_status` run on this process's event loop."""
+
+    def __init__(
+        self,
+        control_url: str,
+        events_url: str,
+        *,
+        on_update: Callable[[JobUpdate], None],
+        on_status: Callable[[Status], None],
+    ) -> None:
+        self.control_url = control_url
+        self.events_url = events_url
+        self._on_update = on_update
+        self._on_status = on_status
+        self._ctx = zmq.asyncio.Context()
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._sub: zmq.asyncio.Socket | None = None
+        self._replies: dict[int, asyncio.Future[AdmitReply]] = {}
+        self._ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.LINGER, 0)
+        self._dealer.connect(self.control_url)
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.RCVHWM, EVENTS_HWM)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(self.events_url)
+        self._tasks = [asyncio.create_task(self._read_replies(), name="kiln-scheduler-replies"),
+                       asyncio.create_task(self._read_updates(), name="kiln-scheduler-updates")]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sock in (self._dealer, self._sub):
+            if sock is not None:
+                sock.close(0)
+        self._ctx.term()
+
+    def next_request_id(self) -> int:
+        return next(self._ids)
+
+    async def admit(self, message: Admit, timeout_s: float) -> AdmitReply | None:
+        """The scheduler's answer, or None when it did not come within `timeout_s`."""
+        assert self._dealer is not None
+        future: asyncio.Future[AdmitReply] = asyncio.get_running_loop().create_future()
+        self._replies[message.req_id] = future
+        try:
+            await self._dealer.send(encode(message))
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            self._replies.pop(message.req_id, None)
+
+    async def send(self, message: Submit | Release | Cancel) -> None:
+        assert self._dealer is not None
+        await self._dealer.send(encode(message))
+
+    async def _read_replies(self) -> None:
+        assert self._dealer is not None
+        while True:
+            reply = decode_from_scheduler(await self._dealer.recv())
+            if isinstance(reply, AdmitReply) and (future := self._replies.get(reply.req_id)) is not None:
+                if not future.done():
+                    future.set_result(reply)
+
+    async def _read_updates(self) -> None:
+        assert self._sub is not None
+        while True:
+            data = await self._sub.recv()
+            try:
+                message = decode_from_scheduler(data)
+                if isinstance(message, JobUpdate):
+                    self._on_update(message)
+                elif isinstance(message, Status):
+                    self._on_status(message)
+            except Exception:  # noqa: BLE001 - a bad message must not end the subscription
+                log.exception("handling a scheduler update failed")

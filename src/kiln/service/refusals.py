@@ -1,0 +1,128 @@
+"""Refusals from memory: what an API process knows about each user's quota, running jobs and the
+scheduler's last "overloaded", so the crowd that is refused costs no database write and, in the
+steady state, no read.
+
+Memory only ever refuses what the database would refuse too, give or take `recheck_s`: every entry
+comes from a transaction's result or a read and is corrected by the scheduler's updates (a refund, a
+job finishing); an entry that would refuse and is older than `recheck_s` is read again first. The
+admission transaction still decides every request that memory lets through.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kiln.errors import Overloaded, RetryLater
+from kiln.service import quota
+from kiln.service.job_admission import concurrency_refusal
+from kiln.service.messages import JobUpdate
+from kiln.service.plans import PlanLimits
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class _Usage:
+    day: dt.date
+    used: int
+    confirmed_at: float
+
+
+@dataclass
+class _Active:
+    jobs: set[str] = field(default_factory=set)
+    confirmed_at: float = float("-inf")
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    until: float
+    retry_after_s: float
+    message: str
+
+
+class Refusals:
+    def __init__(self, *, recheck_s: float = 2.0, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.recheck_s = recheck_s
+        self._monotonic = monotonic
+        self._usage: dict[str, _Usage] = {}
+        self._active: dict[str, _Active] = {}
+        self._overloaded: dict[tuple[str, str], _Verdict] = {}
+
+    # ---- what memory says
+
+    def usage(self, user_id: str, plan: PlanLimits, now: dt.datetime) -> quota.Usage | None:
+        """Today's usage if memory knows it well enough (confirmed within `recheck_s`), else None."""
+        entry = self._usage.get(user_id)
+        if entry is None or self._monotonic() - entry.confirmed_at > self.recheck_s:
+            return None
+        used = entry.used if entry.day == quota.quota_day(now) else 0
+        return quota.Usage(plan=plan.name, used=used, limit=plan.images_per_day, resets_at=quota.next_reset(now))
+
+    def active_jobs(self, user_id: str) -> int:
+        entry = self._active.get(user_id)
+        return 0 if entry is None else len(entry.jobs)
+
+    def needs_recheck(self, user_id: str, plan: PlanLimits) -> bool:
+        """Memory would refuse on the concurrency cap, but has not confirmed it lately."""
+        entry = self._active.get(user_id)
+        return (entry is not None and len(entry.jobs) >= plan.max_concurrent
+                and self._monotonic() - entry.confirmed_at > self.recheck_s)
+
+    def refusal(self, user_id: str, plan: PlanLimits, n: int, now: dt.datetime) -> RetryLater | None:
+        """The refusal the admission transaction would give, if memory is sure of it (quota first)."""
+        usage = self.usage(user_id, plan, now)
+        if usage is not None and usage.limit is not None and usage.used + n > usage.limit and not plan.relax_mode:
+            return quota.quota_refusal(usage.limit, now)
+        if self.active_jobs(user_id) >= plan.max_concurrent and not self.needs_recheck(user_id, plan):
+            return concurrency_refusal(plan)
+        verdict = self._overloaded.get((plan.name, user_id))
+        if verdict is not None:
+            left = verdict.until - self._monotonic()
+            if left > 0:
+                return Overloaded(verdict.message, retry_after_s=max(1.0, verdict.retry_after_s))
+            del self._overloaded[(plan.name, user_id)]
+        return None
+
+    # ---- what memory learns
+
+    def confirm_usage(self, user_id: str, day: dt.date, used: int) -> None:
+        self._usage[user_id] = _Usage(day, used, self._monotonic())
+
+    def confirm_active(self, user_id: str, job_ids: set[str]) -> None:
+        self._active[user_id] = _Active(set(job_ids), self._monotonic())
+
+    def admitted(self, user_id: str, job_id: str, day: dt.date, used: int | None) -> None:
+        """A job this process just admitted (`used`: the day's total the transaction returned)."""
+        self._active.setdefault(user_id, _Active()).jobs.add(job_id)
+        if used is not None:
+            self.confirm_usage(user_id, day, used)
+
+    def overloaded(self, plan: str, user_id: str, retry_after_s: float, message: str) -> None:
+        """The scheduler refused: the queue cannot drain sooner, so answer the same for a while."""
+        hold_s = min(1.0, retry_after_s)
+        self._overloaded[(plan, user_id)] = _Verdict(self._monotonic() + hold_s, retry_after_s, message)
+        if len(self._overloaded) > 100_000:  # bounded: drop the expired ones
+            now = self._monotonic()
+            self._overloaded = {k: v for k, v in self._overloaded.items() if v.until > now}
+
+    def refunded(self, user_id: str, units: int) -> None:
+        entry = self._usage.get(user_id)
+        if entry is not None:
+            entry.used = max(0, entry.used - units)
+
+    def on_update(self, update: JobUpdate) -> None:
+        """A scheduler update: a job some process admitted is alive, or ended (and maybe refunded)."""
+        if update.name in TERMINAL:
+            entry = self._active.get(update.user_id)
+            if entry is not None:
+                entry.jobs.discard(update.job_id)
+                if not entry.jobs:
+                    del self._active[update.user_id]
+            if update.charge_state == "refunded" and update.charge_units:
+                self.refunded(update.user_id, update.charge_units)
+        else:
+            self._active.setdefault(update.user_id, _Active()).jobs.add(update.job_id)

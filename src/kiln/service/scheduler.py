@@ -1,0 +1,276 @@
+"""The scheduler process's service: jobs that API processes admitted run through the engine, and the
+engine's events become job transitions (running, queued again, succeeded with stored images, failed or
+cancelled with one refund) published to every API process as `JobUpdate`s.
+
+It never decides who runs next (the engine does), never speaks HTTP, and touches the ledger only
+through `kiln.service.jobs`. Jobs are leased to it in the database (API processes write the lease in
+the admission itself); it renews them every third of the lease and adopts jobs whose lease lapsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from sqlalchemy.orm import Session, sessionmaker
+
+from kiln.engine import (
+    AsyncEngine,
+    BatchKey,
+    Cancelled,
+    Completed,
+    EngineEvent,
+    EngineRequest,
+    Failed,
+    Position,
+    Progress,
+    Queued,
+    Requeued,
+    Started,
+)
+from kiln.errors import Overloaded
+from kiln.service import job_leases, jobs
+from kiln.service.messages import Admit, AdmitReply, JobUpdate, Ticket
+from kiln.service.plan_cache import PlanCache
+from kiln.service.runner import terminal_event
+from kiln.service.storage import ImageStore
+
+log = logging.getLogger(__name__)
+
+HOLD_S = 10.0
+"""An admission whose job never arrives stops counting as queued work after this long."""
+
+Publish = Callable[[msgspec.Struct], None]
+
+
+def ticket_of(view: jobs.JobView) -> Ticket:
+    return Ticket(
+        job_id=view.id, user_id=view.user_id, plan=view.plan_name, model=view.model,
+        task=view.params.get("task", "generate"), prompt=view.prompt, seed=view.seed, n=view.n,
+        width=view.width, height=view.height, steps=view.steps, guidance_scale=view.guidance_scale,
+        params=view.params, attempts=view.attempts, relax=view.relax,
+    )
+
+
+@dataclass
+class _Held:
+    request: EngineRequest
+    until: float
+
+
+class Scheduler:
+    """Runs admitted jobs; `publish` sends each job update to the API processes."""
+
+    def __init__(
+        self,
+        db: sessionmaker[Session],
+        store: ImageStore,
+        plans: PlanCache,
+        engine: AsyncEngine,
+        executor: Any,
+        *,
+        scheduler_id: str,
+        lease_s: float = 30.0,
+        publish: Publish | None = None,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.plans = plans
+        self.engine = engine
+        self.executor = executor
+        self.scheduler_id = scheduler_id
+        self.lease_s = lease_s
+        self.publish: Publish = publish or (lambda _message: None)
+        self._tickets: dict[str, Ticket] = {}
+        self._held: dict[str, _Held] = {}
+        self._pending: dict[str, deque[EngineEvent]] = {}
+        self._handlers: dict[str, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        engine.add_listener(self._on_engine_event)
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.executor.start)
+        await self.engine.start()
+        # Jobs leased to this scheduler's id are from its previous life (nothing of them runs now).
+        await self._adopt(own=True)
+        self._tasks.append(asyncio.create_task(self._keep_leases(), name="kiln-scheduler-leases"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self.engine.stop()
+        await asyncio.to_thread(self.executor.shutdown)
+        await asyncio.gather(*self._handlers.values(), return_exceptions=True)  # writes under way
+        # What is left unfinished stays charged and queued: the next scheduler to start runs it.
+        await asyncio.to_thread(job_leases.release_leases, self.db, self.scheduler_id)
+
+    @property
+    def workers(self) -> int:
+        return int(self.executor.total_slots())
+
+    def jobs_held(self) -> int:
+        return len(self._tickets)
+
+    # ---- what API processes ask (called on this process's event loop by the channel)
+
+    def admit(self, message: Admit) -> AdmitReply:
+        """The engine's admission for a request about to become a job; reads counters only."""
+        self._expire_holds()
+        request = EngineRequest(
+            job_id=message.hold_id, user_id=message.user_id, plan=message.plan,
+            key=BatchKey(message.model, message.task, message.width, message.height, message.steps,
+                         message.guidance_scale),
+            prompt="", seed=0, n=message.n, weight=message.weight, wait_target_s=message.wait_target_s,
+            relax=message.relax,
+        )
+        try:
+            admitted = self.engine.admit(request)
+        except Overloaded as exc:
+            return AdmitReply(message.req_id, False, retry_after_s=exc.retry_after_s, message=exc.message)
+        self.engine.hold(admitted.request)
+        self._held[message.hold_id] = _Held(admitted.request, time.monotonic() + HOLD_S)
+        key = admitted.request.key
+        return AdmitReply(message.req_id, True, expected_wait_s=admitted.expected_wait_s,
+                          steps=key.steps, width=key.width, height=key.height)
+
+    def release(self, hold_id: str) -> None:
+        held = self._held.pop(hold_id, None)
+        if held is not None:
+            self.engine.unhold(held.request)
+
+    async def submit(self, ticket: Ticket, hold_id: str = "") -> None:
+        self.release(hold_id)
+        await self._enqueue(ticket)
+
+    def cancel(self, job_id: str) -> None:
+        self.engine.cancel(job_id)
+
+    def _expire_holds(self) -> None:
+        now = time.monotonic()
+        for hold_id in [h for h, held in self._held.items() if held.until < now]:
+            self.release(hold_id)
+
+    # ---- into the engine
+
+    async def _enqueue(self, ticket: Ticket) -> None:
+        if ticket.job_id in self._tickets:
+            return
+        self._tickets[ticket.job_id] = ticket  # before any await: a second submit is a no-op
+        try:
+            plan = await asyncio.to_thread(self.plans.get, ticket.plan)
+            paths = ticket.params.get("inputs") or {}
+            inputs = await asyncio.to_thread(lambda: {n: self.store.read(p) for n, p in paths.items()})
+            request = EngineRequest(
+                job_id=ticket.job_id, user_id=ticket.user_id, plan=plan.name,
+                key=BatchKey(ticket.model, ticket.task, ticket.width, ticket.height, ticket.steps,
+                             ticket.guidance_scale),
+                prompt=ticket.prompt, seed=ticket.seed, n=ticket.n,
+                init_image=inputs.get("image"), mask_image=inputs.get("mask"),
+                strength=float(ticket.params.get("strength", 0.75)),
+                weight=plan.priority_weight, wait_target_s=plan.wait_target_s, attempts=ticket.attempts,
+                relax=ticket.relax, preview_every=int(ticket.params.get("preview_every", 0)),
+            )
+            added = self.engine.add_request(request)
+        except BaseException:
+            self._tickets.pop(ticket.job_id, None)
+            raise
+        if not added:  # this engine already finished it
+            self._tickets.pop(ticket.job_id, None)
+
+    async def _adopt(self, own: bool = False) -> None:
+        adopted = await asyncio.to_thread(
+            job_leases.adopt_orphans, self.db, self.scheduler_id, self.lease_s, own=own,
+        )
+        if adopted:
+            log.info("adopted %d unfinished job(s) from the database", len(adopted))
+        for view in adopted:
+            await self._enqueue(ticket_of(view))
+
+    async def _keep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await asyncio.to_thread(job_leases.renew_leases, self.db, self.scheduler_id, self.lease_s)
+                for job_id in await asyncio.to_thread(jobs.finished_among, self.db, list(self._tickets)):
+                    self.engine.cancel(job_id)  # cancelled through an API process while we missed it
+                await self._adopt()
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the renewals
+                log.exception("renewing job leases failed")
+
+    # ---- out of the engine: one task per job with events to handle, so a job's events stay in
+    # order while a slow write for one job (storing images) never holds up another's
+
+    def _on_engine_event(self, event: EngineEvent) -> None:
+        self._pending.setdefault(event.job_id, deque()).append(event)
+        if event.job_id not in self._handlers:
+            self._handlers[event.job_id] = asyncio.create_task(self._handle(event.job_id))
+
+    async def _handle(self, job_id: str) -> None:
+        queue = self._pending[job_id]
+        try:
+            while queue:
+                event = queue.popleft()
+                try:
+                    await self._apply(event)
+                except Exception:  # noqa: BLE001 - one job's trouble must not stop the others
+                    log.exception("job %s: handling %s failed", job_id, type(event).__name__)
+        finally:
+            del self._handlers[job_id]
+            if not queue:
+                self._pending.pop(job_id, None)
+
+    def _update(self, ticket: Ticket, name: str, data: dict[str, Any], view: jobs.JobView | None = None) -> None:
+        charge = {} if view is None else {"charge_state": view.charge_state, "charge_units": view.charge_units}
+        self.publish(JobUpdate(ticket.job_id, ticket.user_id, name, data, **charge))
+
+    async def _apply(self, event: EngineEvent) -> None:
+        job_id = event.job_id
+        ticket = self._tickets.get(job_id)
+        if ticket is None:
+            return
+        if isinstance(event, Queued | Position):
+            self._update(ticket, "queued" if isinstance(event, Queued) else "position",
+                         {"queue_position": event.position, "eta_s": round(event.eta_s, 3)})
+        elif isinstance(event, Started):
+            if not await asyncio.to_thread(jobs.mark_running, self.db, job_id, event.attempt):
+                self.engine.cancel(job_id)  # cancelled (or finished) in the database meanwhile
+                return
+            self._update(ticket, "started", {"attempt": event.attempt})
+        elif isinstance(event, Progress):
+            data: dict[str, Any] = {"step": event.step, "total": event.total}
+            if event.preview_png:
+                data["preview"] = base64.b64encode(event.preview_png).decode()
+            self._update(ticket, "progress", data)
+        elif isinstance(event, Requeued):
+            await asyncio.to_thread(jobs.requeue_job, self.db, job_id)
+            self._update(ticket, "requeued", {"reason": event.reason})
+        elif isinstance(event, Completed):
+            view = await asyncio.to_thread(jobs.store_images, self.db, self.store, job_id, ticket, list(event.images))
+            self._finish(ticket, view)
+        elif isinstance(event, Failed):
+            log.warning("job %s failed: %s: %s", job_id, event.code, event.message)
+            await asyncio.to_thread(
+                jobs.fail_job, self.db, job_id, event.code,
+                f"The image could not be generated ({event.code}); your quota was refunded.",
+            )
+            self._finish(ticket, await asyncio.to_thread(jobs.get_job, self.db, job_id))
+        elif isinstance(event, Cancelled):
+            view = await asyncio.to_thread(jobs.cancel_job, self.db, job_id, None)
+            self._finish(ticket, view)
+
+    def _finish(self, ticket: Ticket, view: jobs.JobView) -> None:
+        """The terminal update says what the database holds (a cancel may have won over a completion)."""
+        name, data = terminal_event(view)
+        self._update(ticket, name, data, view)
+        self._tickets.pop(ticket.job_id, None)

@@ -1,0 +1,233 @@
+"""An API process's view of the scheduler: ask it to admit, hand it jobs, cancel them, and follow
+their events (the one per-job history is kept here, in `JobLogs`).
+
+The scheduler may be away (restarting, killed): `admit` then raises `SchedulerAway` within
+`timeout_s`, never hangs; jobs admitted meanwhile stay queued in the database, unleased, and a
+scheduler adopts them when it is back. Waiting requests also poll the database now and then, so a
+lost update never leaves one hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from kiln.errors import Overloaded
+from kiln.service import jobs
+from kiln.service.channel import SchedulerLink
+from kiln.service.job_log import JobLogs
+from kiln.service.messages import Admit, Cancel, JobUpdate, Release, Status, Submit, Ticket
+from kiln.service.plans import PlanLimits
+from kiln.service.refusals import Refusals
+from kiln.service.runner import JobEvent, JobOutcome, outcome_of, terminal_event
+
+log = logging.getLogger(__name__)
+
+DB_POLL_S = 2.0
+"""How often a waiting request checks the database too, in case an update was lost."""
+
+
+class SchedulerAway(Exception):
+    """No scheduler answered: nothing can promise when a job would run."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    hold_id: str
+    expected_wait_s: float
+    steps: int
+    width: int
+    height: int
+
+
+class SchedulerClient:
+    def __init__(
+        self,
+        db: sessionmaker[Session],
+        refusals: Refusals,
+        *,
+        control_url: str,
+        events_url: str,
+        timeout_s: float = 1.0,
+        poll_s: float = 0.5,
+        history_jobs: int = 2000,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.db = db
+        self.refusals = refusals
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self._monotonic = monotonic
+        self.logs = JobLogs(history_jobs)
+        self.status: Status | None = None
+        self._status_at = float("-inf")
+        self._status_changed: asyncio.Event | None = None
+        self.link = SchedulerLink(control_url, events_url, on_update=self._on_update, on_status=self._on_status)
+
+    async def start(self) -> None:
+        self._status_changed = asyncio.Event()
+        await self.link.start()
+
+    async def stop(self) -> None:
+        await self.link.stop()
+
+    # ---- is it there?
+
+    @property
+    def available(self) -> bool:
+        return self.status is not None and self._monotonic() - self._status_at <= self.timeout_s
+
+    @property
+    def scheduler_id(self) -> str | None:
+        return self.status.scheduler_id if self.available and self.status else None
+
+    async def wait_available(self, timeout_s: float) -> bool:
+        deadline = self._monotonic() + timeout_s
+        while not self.available:
+            left = deadline - self._monotonic()
+            if left <= 0:
+                return False
+            assert self._status_changed is not None
+            self._status_changed.clear()
+            try:
+                await asyncio.wait_for(self._status_changed.wait(), left)
+            except TimeoutError:
+                return False
+        return True
+
+    # ---- admission and jobs
+
+    async def admit(self, user_id: str, plan: PlanLimits, spec: jobs.JobSpec, relax: bool = False) -> Decision:
+        """The scheduler's admission (maybe degraded); raises Overloaded or SchedulerAway."""
+        if not self.available:
+            raise SchedulerAway()
+        hold_id = f"hold-{uuid.uuid4().hex}"
+        reply = await self.link.admit(Admit(
+            req_id=self.link.next_request_id(), hold_id=hold_id, user_id=user_id, plan=plan.name,
+            weight=plan.priority_weight, wait_target_s=plan.wait_target_s, model=spec.model,
+            task=spec.params.get("task", "generate"), width=spec.width, height=spec.height, steps=spec.steps,
+            guidance_scale=spec.guidance_scale, n=spec.n, relax=relax,
+        ), self.timeout_s)
+        if reply is None:
+            raise SchedulerAway()
+        if not reply.accepted:
+            self.refusals.overloaded(plan.name, user_id, reply.retry_after_s, reply.message)
+            raise Overloaded(reply.message, retry_after_s=reply.retry_after_s)
+        return Decision(hold_id, reply.expected_wait_s, reply.steps, reply.width, reply.height)
+
+    async def release(self, hold_id: str) -> None:
+        await self.link.send(Release(hold_id))
+
+    async def submit(self, view: jobs.JobView, hold_id: str = "") -> None:
+        """Hand over an admitted job; its events are followed from here on."""
+        log_ = self.logs.open(view.id, view.user_id)
+        if not log_.events:
+            log_.publish("queued", {"queue_position": None, "eta_s": None})
+        ticket = Ticket(
+            job_id=view.id, user_id=view.user_id, plan=view.plan_name, model=view.model,
+            task=view.params.get("task", "generate"), prompt=view.prompt, seed=view.seed, n=view.n,
+            width=view.width, height=view.height, steps=view.steps, guidance_scale=view.guidance_scale,
+            params=view.params, attempts=view.attempts, relax=view.relax,
+        )
+        await self.link.send(Submit(ticket, hold_id))
+
+    async def cancel(self, job_id: str) -> None:
+        await self.link.send(Cancel(job_id))
+
+    # ---- following jobs
+
+    def position(self, job_id: str) -> tuple[int | None, float | None]:
+        log_ = self.logs.get(job_id)
+        return (None, None) if log_ is None else log_.position()
+
+    def active_jobs(self, user_id: str) -> int:
+        return self.refusals.active_jobs(user_id)
+
+    def last_event_id(self, job_id: str) -> int | None:
+        log_ = self.logs.finished.get(job_id)
+        return None if log_ is None else log_.next_id - 1
+
+    async def wait(self, job_id: str, timeout_s: float) -> JobOutcome:
+        deadline = self._monotonic() + timeout_s
+        while True:
+            log_ = self.logs.get(job_id)
+            view = None
+            if log_ is None or not log_.done.is_set():
+                view = await asyncio.to_thread(jobs.get_job, self.db, job_id)
+                if view.terminal:
+                    return outcome_of(view)
+            remaining = deadline - self._monotonic()
+            if log_ is not None and log_.done.is_set() or remaining <= 0:
+                return outcome_of(view or await asyncio.to_thread(jobs.get_job, self.db, job_id))
+            try:
+                if log_ is None:  # run by a process whose events we do not follow
+                    await asyncio.sleep(min(remaining, self.poll_s))
+                else:
+                    await asyncio.wait_for(log_.done.wait(), min(remaining, DB_POLL_S))
+            except TimeoutError:
+                pass
+
+    async def events(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
+        """The job's events with ids above `after`: replayed, then live, ending with the terminal one.
+        A job this process does not follow is followed in the database."""
+        log_ = self.logs.get(job_id)
+        if log_ is None:
+            async for event in self._events_from_db(job_id, after):
+                yield event
+            return
+        stream = log_.follow(after)
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(anext(stream), DB_POLL_S)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    if log_.done.is_set():
+                        continue
+                    view = await asyncio.to_thread(jobs.get_job, self.db, job_id)
+                    if view.terminal and not log_.done.is_set():  # the update was lost: say what happened
+                        self._finish_from_db(view)
+                    continue
+                yield event
+        finally:
+            await stream.aclose()
+
+    def _finish_from_db(self, view: jobs.JobView) -> None:
+        name, data = terminal_event(view)
+        self.logs.publish(view.id, name, data)
+
+    async def _events_from_db(self, job_id: str, after: int) -> AsyncIterator[JobEvent]:
+        seen: str | None = None
+        next_id = after + 1
+        while True:
+            view = await asyncio.to_thread(jobs.get_job, self.db, job_id)
+            if view.terminal:
+                name, data = terminal_event(view)
+                yield JobEvent(next_id, name, data)
+                return
+            if view.status != seen:
+                seen = view.status
+                if after == 0 or seen == "running":
+                    yield JobEvent(next_id, "queued" if seen == "queued" else "started",
+                                   {"attempt": view.attempts} if seen == "running" else {})
+                    next_id += 1
+            await asyncio.sleep(self.poll_s)
+
+    # ---- from the scheduler
+
+    def _on_update(self, update: JobUpdate) -> None:
+        self.refusals.on_update(update)
+        self.logs.publish(update.job_id, update.name, update.data)
+
+    def _on_status(self, status: Status) -> None:
+        self.status = status
+        self._status_at = self._monotonic()
+        if self._status_changed is not None:
+            self._status_changed.set()
