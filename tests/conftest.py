@@ -157,11 +157,14 @@ class Server:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     def stop(self) -> None:
-        """Shut the server down as `kiln serve` does on SIGTERM (lifespan shutdown included)."""
+        """Shut the server down as `kiln serve` does on SIGTERM (lifespan shutdown included), and
+        its scheduler, which hands its unfinished jobs back."""
         self.uvicorn.should_exit = True
         assert self.thread is not None
         self.thread.join(30)
         assert not self.thread.is_alive(), "the server did not stop"
+        if self.scheduler is not None:
+            self.scheduler.stop_thread()
 
 
 def free_port() -> int:
@@ -178,8 +181,9 @@ def with_scheduler_ports(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def start_scheduler() -> Iterator[Callable[..., Any]]:
-    """Start schedulers (engine, executor, workers) on threads of their own: `start_scheduler(settings)`."""
+def start_scheduler(empty_database_url: str) -> Iterator[Callable[..., Any]]:
+    """Start schedulers (engine, executor, workers) on threads of their own: `start_scheduler(settings)`.
+    (It asks for the database fixture so that they stop before the test's database is dropped.)"""
     from kiln.service.scheduler_host import SchedulerHost
 
     running: list[SchedulerHost] = []

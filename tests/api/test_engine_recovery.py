@@ -42,7 +42,7 @@ def test_a_worker_killed_mid_batch_reruns_the_job_and_charges_once(start_server,
                                                                    make_user) -> None:
     server = start_server(engine_settings(settings, tmp_path, steps=50, step_s=0.02))
     ann = make_user(plan="plus")
-    executor = server.state.runner.executor
+    executor = server.scheduler.executor
     with server.client(ann.key) as http:
         job = http.post("/v1/jobs", json={"prompt": "a survivor"}).json()
         seen, killed = [], False
@@ -76,7 +76,7 @@ def test_a_poison_job_fails_refunded_after_three_worker_deaths_and_the_others_ru
         for job in fine:
             assert [e["event"] for e in follow(other, job["id"])][-1] == "completed"
         assert other.get("/v1/usage").json()["used"] == 2
-    assert server.state.runner.executor.restarts == 3
+    assert server.scheduler.executor.restarts == 3
 
 
 @sqlite_only

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 import pytest
 from engine_server import engine_settings, events_until_end, follow, release
@@ -131,7 +132,10 @@ def test_metrics_expose_the_engine_series_and_quota_refusals(start_server, setti
         for i in range(3):
             assert http.post("/v1/images/generations", json={"prompt": f"a cat {i}"}).status_code == 200
         assert http.post("/v1/images/generations", json={"prompt": "one more"}).status_code == 429
-        response = http.get("/metrics")
+        # The scheduler's series come with its heartbeat (a few times a second): the next one has them.
+        deadline = time.monotonic() + 5
+        while "kiln_images_generated_total 3.0" not in (response := http.get("/metrics")).text:
+            assert time.monotonic() < deadline, response.text
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
     for series in ('kiln_images_generated_total 3.0', 'kiln_queue_wait_seconds_count{plan="free"} 3.0',

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from kiln.api.state import engine_runner
+from engine_server import engine_settings, release
+
 from kiln.service.plans import update_plan
 from kiln.testing import FakePipeline
 
@@ -71,43 +72,26 @@ def test_plans_set_reaches_a_running_server_within_seconds(server, make_user, se
             time.sleep(0.05)
 
 
-class HeldRunner:
-    """A runner that admits jobs but runs none until `release` — the seam lets tests hold jobs."""
-
-    def __init__(self, state) -> None:  # type: ignore[no-untyped-def]
-        self.inner = engine_runner(state)
-        self.held: list[str] = []
-        self.waiting = threading.Event()
-        self.admitting = self.inner.admitting
-        self.position = self.inner.position
-        self.active_jobs = self.inner.active_jobs
-        self.events = self.inner.events
-        self.last_event_id = self.inner.last_event_id
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def stop(self) -> None:
-        await self.inner.stop()
-
-    async def submit(self, job_id: str) -> None:
-        self.held.append(job_id)
-
-    async def wait(self, job_id: str, timeout_s: float):  # type: ignore[no-untyped-def]
-        self.waiting.set()
-        return await self.inner.wait(job_id, timeout_s)
-
-    async def cancel(self, job_id: str) -> None:
-        await self.inner.cancel(job_id)
-
-    async def release(self) -> None:
-        for job_id in self.held:
-            await self.inner.submit(job_id)
-        self.held.clear()
+def held_server(start_server, settings, clock, tmp_path):  # type: ignore[no-untyped-def]
+    """A server whose workers stay loading (every job stays queued) until `release(tmp_path)`."""
+    return start_server(engine_settings(settings, tmp_path, hold=True), clock=clock)
 
 
-def test_concurrency_cap_and_cancel_refund(start_server, settings, clock, make_user) -> None:
-    server = start_server(settings, clock=clock, runner_factory=HeldRunner)
+def watch_waits(runner) -> threading.Event:  # type: ignore[no-untyped-def]
+    """An event set when a request starts waiting for a job's outcome."""
+    waiting = threading.Event()
+    wait = runner.wait
+
+    async def watched(job_id: str, timeout_s: float):  # type: ignore[no-untyped-def]
+        waiting.set()
+        return await wait(job_id, timeout_s)
+
+    runner.wait = watched
+    return waiting
+
+
+def test_concurrency_cap_and_cancel_refund(start_server, settings, clock, make_user, tmp_path) -> None:
+    server = held_server(start_server, settings, clock, tmp_path)
     ann = make_user()
     with server.client(ann.key) as http:
         first = http.post("/v1/jobs", json={"prompt": "a cat"})
@@ -120,8 +104,8 @@ def test_concurrency_cap_and_cancel_refund(start_server, settings, clock, make_u
         assert cancelled["status"] == "cancelled" and cancelled["charge_state"] == "refunded"
         assert http.get("/v1/usage").json()["used"] == 0
         second = http.post("/v1/jobs", json={"prompt": "a dog"}).json()
-        server.call(server.state.runner.release())
-        done = server.call(server.state.runner.wait(second["id"], 30))
+        release(tmp_path)
+        done = server.call(server.state.runner.wait(second["id"], 30), 40)
         assert done.status == "succeeded"
         listed = http.get("/v1/jobs").json()["data"]
         assert [j["status"] for j in listed] == ["succeeded", "cancelled"]
@@ -162,17 +146,18 @@ def test_twenty_concurrent_requests_with_one_idempotency_key(server, make_user) 
 
 
 def test_same_key_while_the_first_is_running_waits_for_the_same_job(start_server, settings, clock,
-                                                                     make_user) -> None:
-    server = start_server(settings, clock=clock, runner_factory=HeldRunner)
+                                                                     make_user, tmp_path) -> None:
+    server = held_server(start_server, settings, clock, tmp_path)
+    waiting = watch_waits(server.state.runner)
     ann = make_user()
     body, headers = {"prompt": "a cat", "seed": 4}, {"Idempotency-Key": "k-1"}
     with server.client(ann.key) as http:
         first = http.post("/v1/jobs", json=body, headers=headers).json()
         with ThreadPoolExecutor(1) as pool:
             second = pool.submit(http.post, "/v1/images/generations", json=body, headers=headers)
-            assert server.state.runner.waiting.wait(10)  # the retry is waiting on the held job
+            assert waiting.wait(10)  # the retry is waiting on the held job
             assert not second.done()
-            server.call(server.state.runner.release())
+            release(tmp_path)
             answer = second.result(30)
         assert answer.status_code == 200 and answer.json()["id"] == first["id"]
         assert http.get("/v1/usage").json()["used"] == 1

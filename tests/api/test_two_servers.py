@@ -50,9 +50,12 @@ def two_servers(settings, tmp_path):  # type: ignore[no-untyped-def]
     processes, urls = [], []
     for _ in range(2):
         port = _free_port()
+        channel = {"KILN_SCHEDULER_URL": f"tcp://127.0.0.1:{_free_port()}",
+                   "KILN_SCHEDULER_EVENTS_URL": f"tcp://127.0.0.1:{_free_port()}"}
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "kiln", "--config", str(config), "serve", "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **channel},
         ))
         urls.append(f"http://127.0.0.1:{port}")
     try:

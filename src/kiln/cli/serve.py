@@ -62,10 +62,12 @@ def _serve_api(settings: Any) -> None:
                 access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
-def _scheduler_child(settings: Any, parent_pid: int) -> None:
+def _scheduler_child(values: dict[str, Any], parent_pid: int) -> None:
+    from kiln.config import Settings
     from kiln.service.scheduler_host import run_scheduler
 
-    run_scheduler(settings, parent_pid=parent_pid)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    run_scheduler(Settings(**values), parent_pid=parent_pid)
 
 
 class SchedulerSupervisor:
@@ -84,8 +86,9 @@ class SchedulerSupervisor:
         self._thread.start()
 
     def _spawn(self) -> None:
-        self._process = self._ctx.Process(target=_scheduler_child, args=(self.settings, os.getpid()),
-                                          name="kiln-scheduler")
+        # The values, not the object: settings read from a file are an unpicklable subclass.
+        self._process = self._ctx.Process(target=_scheduler_child, name="kiln-scheduler",
+                                          args=(self.settings.model_dump(), os.getpid()))
         self._process.start()
 
     def _run(self) -> None:

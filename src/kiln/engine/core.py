@@ -72,6 +72,7 @@ class EngineCore:
         self._last_arrival: dict[str, float] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._events: list[EngineEvent] = []
+        self._held = 0
         self._serial = itertools.count(1)
         self._positions: dict[str, int] = {}
         self._order_cache: list[WorkItem] | None = None
@@ -101,9 +102,17 @@ class EngineCore:
         """Count an admitted request as queued work before it is added, so admissions racing in
         while its job is being created see it; `unhold` it once it is added (or was not created)."""
         self.stats.add(request.plan, request.user_id, request.units, request.relax)
+        self._held += 1
 
     def unhold(self, request: EngineRequest) -> None:
         self.stats.remove(request.plan, request.user_id, request.units, request.relax)
+        self._held = max(0, self._held - 1)
+
+    def position_guess(self, request: EngineRequest) -> int:
+        """Cheap: about how many queued jobs would run before `request` if it joined now."""
+        ahead = self.stats.units_ahead(request)
+        queued = len(self.queue) + self._held + (len(self.relax_queue) if request.relax else 0)
+        return min(queued, round(ahead / max(request.units, 1e-9)))
 
     def add_request(self, request: EngineRequest) -> bool:
         """Queue a job; False (and nothing happens) if this job id is already known or finished."""
@@ -579,9 +588,7 @@ class EngineCore:
         """Cheap, for the Queued event; exact positions follow within position_interval_s."""
         if item.batch_id is not None:
             return 0
-        ahead = self.stats.units_ahead(item.leader)
-        queued = len(self.queue) + (len(self.relax_queue) if item.relax else 0)
-        return min(queued, round(ahead / max(item.units, 1e-9)))
+        return self.position_guess(item.leader)
 
     def _eta_guess(self, request: EngineRequest) -> float:
         return self.admission.expected_wait_s(self.stats, request, self._running_units(), self._workers())

@@ -73,6 +73,10 @@ class AsyncEngine:
     def unhold(self, request: EngineRequest) -> None:
         self.core.unhold(request)
 
+    def position_guess(self, request: EngineRequest) -> int:
+        """About how many queued jobs would run before `request` if it joined now."""
+        return self.core.position_guess(request)
+
     def add_request(self, request: EngineRequest) -> bool:
         """Queue a job (idempotent by job id: False if already known)."""
         added = self.core.add_request(request)

@@ -88,7 +88,7 @@ async def admit_job(
                 await state.runner.release(decision.hold_id)
             raise
     except RetryLater as exc:
-        state.metrics.refused(plan.name, exc.code or "refused")
+        state.metrics.refused(plan.name, "overloaded" if isinstance(exc, Overloaded) else exc.code or "refused")
         if getattr(exc, "headers", None) is None:
             exc.headers = (await usage_headers(state, account))[1]  # type: ignore[attr-defined]
         raise
@@ -123,7 +123,10 @@ async def _write(
         return jobs.Admission(view, created=False)
     state.refusals.admitted(account.user_id, view.id, quota.quota_day(now), admitted.used)
     await state.runner.submit(view, decision.hold_id if decision else "")
-    return jobs.Admission(view, created=True, expected_wait_s=decision.expected_wait_s if decision else None)
+    if decision is None:
+        return jobs.Admission(view, created=True)
+    return jobs.Admission(view, created=True, expected_wait_s=decision.expected_wait_s,
+                          position=decision.position)
 
 
 async def usage_headers(state: Any, account: Account) -> tuple[quota.Usage, dict[str, str]]:

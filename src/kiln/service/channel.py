@@ -56,17 +56,19 @@ class SchedulerServer:
         self.events_url = events_url
         self._status = status
         self._status_every_s = status_every_s
-        self._ctx = zmq.asyncio.Context()
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sync_ctx: zmq.Context | None = None
         self._router: zmq.asyncio.Socket | None = None
         self._pub: zmq.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._submits: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        self._ctx, self._sync_ctx = zmq.asyncio.Context(), zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.bind(self.control_url)
-        self._pub = zmq.Context.instance().socket(zmq.PUB)
+        self._pub = self._sync_ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, EVENTS_HWM)
         self._pub.bind(self.events_url)
@@ -77,10 +79,10 @@ class SchedulerServer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._submits, return_exceptions=True)
-        for sock in (self._router, self._pub):
-            if sock is not None:
-                sock.close(0)
-        self._ctx.term()
+        for ctx in (self._ctx, self._sync_ctx):
+            if ctx is not None:
+                ctx.destroy(linger=0)
+        self._router = self._pub = self._ctx = self._sync_ctx = None
 
     def publish(self, message: msgspec.Struct) -> None:
         """Never blocks: a subscriber that cannot keep up loses messages, not the scheduler's time."""
@@ -141,7 +143,7 @@ class SchedulerLink:
         self.events_url = events_url
         self._on_update = on_update
         self._on_status = on_status
-        self._ctx = zmq.asyncio.Context()
+        self._ctx: zmq.asyncio.Context | None = None
         self._dealer: zmq.asyncio.Socket | None = None
         self._sub: zmq.asyncio.Socket | None = None
         self._replies: dict[int, asyncio.Future[AdmitReply]] = {}
@@ -149,6 +151,7 @@ class SchedulerLink:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.LINGER, 0)
         self._dealer.connect(self.control_url)
@@ -164,10 +167,9 @@ class SchedulerLink:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for sock in (self._dealer, self._sub):
-            if sock is not None:
-                sock.close(0)
-        self._ctx.term()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+        self._dealer = self._sub = self._ctx = None
 
     def next_request_id(self) -> int:
         return next(self._ids)

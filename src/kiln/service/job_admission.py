@@ -123,7 +123,7 @@ def admit_in(conn: Connection, item: AdmissionRow) -> Admitted:
         **item.values, "id": item.job_id, "user_id": item.user_id, "plan_name": plan.name, "status": "queued",
         "relax": relax, "charge_units": units, "charge_day": day, "charge_state": "reserved",
         "idempotency_key": item.idempotency_key, "request_hash": item.request_hash, "attempts": 0,
-        "worker_id": item.lease_to, "cancel_requested": False, "created_at": item.now,
+        "worker_id": item.lease_to, "cancel_requested": False, "created_at": utcnow(),
         "lease_expires_at": None if item.lease_to is None else utcnow() + dt.timedelta(seconds=item.lease_s),
     }
     conn.execute(insert(_jobs).values(row))

@@ -109,6 +109,7 @@ class Admission:
     """False when an Idempotency-Key matched an earlier job (nothing was charged again)."""
     expected_wait_s: float | None = None
     """The scheduler's estimate of the wait when it admitted the job (None: it was not asked)."""
+    position: int | None = None
 
 
 def request_hash(payload: dict[str, Any], files: dict[str, bytes] | None = None) -> str:

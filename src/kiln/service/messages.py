@@ -39,6 +39,8 @@ class AdmitReply(msgspec.Struct, frozen=True, tag=True):
     req_id: int
     accepted: bool
     expected_wait_s: float = 0.0
+    position: int = 0
+    """Queued jobs that would run before it (a guess; exact positions follow as updates)."""
     retry_after_s: float = 0.0
     message: str = ""
     steps: int = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,6 +52,7 @@ class Refusals:
         self._usage: dict[str, _Usage] = {}
         self._active: dict[str, _Active] = {}
         self._overloaded: dict[tuple[str, str], _Verdict] = {}
+        self._refunded: OrderedDict[str, None] = OrderedDict()
 
     # ---- what memory says
 
@@ -109,20 +111,26 @@ class Refusals:
             now = self._monotonic()
             self._overloaded = {k: v for k, v in self._overloaded.items() if v.until > now}
 
-    def refunded(self, user_id: str, units: int) -> None:
-        entry = self._usage.get(user_id)
+    def ended(self, user_id: str, job_id: str, charge_state: str, units: int) -> None:
+        """A job ended (told by the scheduler, or cancelled here): it no longer counts against the
+        cap, and a refund is given back to the usage once, however often it is told."""
+        entry = self._active.get(user_id)
         if entry is not None:
-            entry.used = max(0, entry.used - units)
+            entry.jobs.discard(job_id)
+            if not entry.jobs:
+                del self._active[user_id]
+        if charge_state != "refunded" or not units or job_id in self._refunded:
+            return
+        self._refunded[job_id] = None
+        while len(self._refunded) > 100_000:
+            self._refunded.popitem(last=False)
+        usage = self._usage.get(user_id)
+        if usage is not None:
+            usage.used = max(0, usage.used - units)
 
     def on_update(self, update: JobUpdate) -> None:
         """A scheduler update: a job some process admitted is alive, or ended (and maybe refunded)."""
         if update.name in TERMINAL:
-            entry = self._active.get(update.user_id)
-            if entry is not None:
-                entry.jobs.discard(update.job_id)
-                if not entry.jobs:
-                    del self._active[update.user_id]
-            if update.charge_state == "refunded" and update.charge_units:
-                self.refunded(update.user_id, update.charge_units)
-        else:
+            self.ended(update.user_id, update.job_id, update.charge_state, update.charge_units)
+        elif update.job_id not in self._refunded:
             self._active.setdefault(update.user_id, _Active()).jobs.add(update.job_id)

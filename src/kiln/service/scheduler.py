@@ -138,10 +138,11 @@ class Scheduler:
             admitted = self.engine.admit(request)
         except Overloaded as exc:
             return AdmitReply(message.req_id, False, retry_after_s=exc.retry_after_s, message=exc.message)
+        position = self.engine.position_guess(admitted.request)
         self.engine.hold(admitted.request)
         self._held[message.hold_id] = _Held(admitted.request, time.monotonic() + HOLD_S)
         key = admitted.request.key
-        return AdmitReply(message.req_id, True, expected_wait_s=admitted.expected_wait_s,
+        return AdmitReply(message.req_id, True, expected_wait_s=admitted.expected_wait_s, position=position,
                           steps=key.steps, width=key.width, height=key.height)
 
     def release(self, hold_id: str) -> None:
@@ -150,8 +151,10 @@ class Scheduler:
             self.engine.unhold(held.request)
 
     async def submit(self, ticket: Ticket, hold_id: str = "") -> None:
-        self.release(hold_id)
-        await self._enqueue(ticket)
+        try:
+            await self._enqueue(ticket)
+        finally:  # the hold counts until the job itself is queued: no gap for admissions to slip in
+            self.release(hold_id)
 
     def cancel(self, job_id: str) -> None:
         self.engine.cancel(job_id)

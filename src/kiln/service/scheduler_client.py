@@ -41,6 +41,7 @@ class SchedulerAway(Exception):
 class Decision:
     hold_id: str
     expected_wait_s: float
+    position: int
     steps: int
     width: int
     height: int
@@ -119,16 +120,14 @@ class SchedulerClient:
         if not reply.accepted:
             self.refusals.overloaded(plan.name, user_id, reply.retry_after_s, reply.message)
             raise Overloaded(reply.message, retry_after_s=reply.retry_after_s)
-        return Decision(hold_id, reply.expected_wait_s, reply.steps, reply.width, reply.height)
+        return Decision(hold_id, reply.expected_wait_s, reply.position, reply.steps, reply.width, reply.height)
 
     async def release(self, hold_id: str) -> None:
         await self.link.send(Release(hold_id))
 
     async def submit(self, view: jobs.JobView, hold_id: str = "") -> None:
         """Hand over an admitted job; its events are followed from here on."""
-        log_ = self.logs.open(view.id, view.user_id)
-        if not log_.events:
-            log_.publish("queued", {"queue_position": None, "eta_s": None})
+        self.logs.open(view.id, view.user_id)
         ticket = Ticket(
             job_id=view.id, user_id=view.user_id, plan=view.plan_name, model=view.model,
             task=view.params.get("task", "generate"), prompt=view.prompt, seed=view.seed, n=view.n,
@@ -181,23 +180,22 @@ class SchedulerClient:
             async for event in self._events_from_db(job_id, after):
                 yield event
             return
-        stream = log_.follow(after)
+        watchdog = asyncio.ensure_future(self._watch_in_db(job_id))
         try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(anext(stream), DB_POLL_S)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    if log_.done.is_set():
-                        continue
-                    view = await asyncio.to_thread(jobs.get_job, self.db, job_id)
-                    if view.terminal and not log_.done.is_set():  # the update was lost: say what happened
-                        self._finish_from_db(view)
-                    continue
+            async for event in log_.follow(after):
                 yield event
         finally:
-            await stream.aclose()
+            watchdog.cancel()
+
+    async def _watch_in_db(self, job_id: str) -> None:
+        """While a followed job has not ended here, look at its row now and then: if it ended and
+        the update was lost, say what happened, so no stream or waiting request hangs."""
+        log_ = self.logs.get(job_id)
+        while log_ is not None and not log_.done.is_set():
+            await asyncio.sleep(DB_POLL_S)
+            view = await asyncio.to_thread(jobs.get_job, self.db, job_id)
+            if view.terminal and not log_.done.is_set():
+                self._finish_from_db(view)
 
     def _finish_from_db(self, view: jobs.JobView) -> None:
         name, data = terminal_event(view)

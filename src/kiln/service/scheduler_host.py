@@ -30,7 +30,7 @@ from kiln.service.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
-METRICS_EVERY_S = 1.0
+METRICS_EVERY_S = 0.5
 
 
 def scheduler_id_of(settings: Settings) -> str:
@@ -71,9 +71,11 @@ class SchedulerHost:
         await self.scheduler.start()
 
     async def stop(self) -> None:
-        await self.scheduler.stop()
-        await self.server.stop()
-        self.db_engine.dispose()
+        try:
+            await self.scheduler.stop()
+        finally:
+            await self.server.stop()
+            self.db_engine.dispose()
 
     def _status(self) -> Status:
         now = time.monotonic()

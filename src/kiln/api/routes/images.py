@@ -124,7 +124,8 @@ async def _disconnected(request: Request) -> None:
 
 async def _abandon(state: AppState, job_id: str) -> None:
     """Cancel and refund a job nobody waits for any more (and stop it between steps)."""
-    await asyncio.to_thread(jobs.cancel_job, state.db, job_id, None)
+    view = await asyncio.to_thread(jobs.cancel_job, state.db, job_id, None)
+    state.refusals.ended(view.user_id, view.id, view.charge_state, view.charge_units)
     await state.runner.cancel(job_id)
 
 

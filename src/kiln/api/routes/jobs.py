@@ -22,14 +22,16 @@ from kiln.service.admission import admit_job
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
 
-def job_info(view: jobs.JobView, state: AppState | None = None, eta_s: float | None = None) -> JobInfo:
+def job_info(view: jobs.JobView, state: AppState | None = None, admission: jobs.Admission | None = None) -> JobInfo:
     error = None
     if view.error_code:
         error = ErrorDetail(message=view.error_message or "", type="server_error", code=view.error_code)
-    position = None
+    position = eta_s = None
     if state is not None and not view.terminal:
-        position, known_eta_s = state.runner.position(view.id)
-        eta_s = known_eta_s if known_eta_s is not None else eta_s
+        position, eta_s = state.runner.position(view.id)
+        if position is None and admission is not None and admission.position is not None:
+            position = admission.position  # the scheduler's guess, until its first update arrives
+            eta_s = None if admission.expected_wait_s is None else round(admission.expected_wait_s, 3)
     return JobInfo(
         id=view.id, status=view.status, kind=view.kind, model=view.model, n=view.n,  # type: ignore[arg-type]
         size=f"{view.width}x{view.height}", created=int(view.created_at.timestamp()),
@@ -66,8 +68,7 @@ async def submit_job(
     admission = await admit_job(state, account, spec, idempotency_key=idempotency_key, digest=digest,
                                 uploads=uploads)
     response.headers.update(degraded_header(admission.job.degraded))
-    eta_s = admission.expected_wait_s
-    return job_info(admission.job, state, None if eta_s is None else round(eta_s, 3))
+    return job_info(admission.job, state, admission)
 
 
 @router.get("/jobs", response_model=JobList, responses=ERRORS)
@@ -87,6 +88,7 @@ async def get_job(job_id: str, state: State, account: CurrentAccount) -> JobInfo
 async def cancel_job(job_id: str, state: State, account: CurrentAccount) -> JobInfo:
     """Cancel a queued (it never runs) or running job (it stops at the next step); refunded once."""
     view = await asyncio.to_thread(jobs.cancel_job, state.db, job_id, account.user_id)
+    state.refusals.ended(view.user_id, view.id, view.charge_state, view.charge_units)
     await state.runner.cancel(job_id)
     return job_info(view)
 

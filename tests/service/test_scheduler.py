@@ -1,8 +1,9 @@
-"""EngineJobRunner and the job leases: a live holder's jobs are never taken, a dead holder's are
-adopted by exactly one runner and run again with their attempts, charged once."""
+"""The scheduler and the job leases: a live holder's jobs are never taken, a dead holder's are
+adopted by exactly one scheduler and run again with their attempts, charged once."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,9 +11,9 @@ from engine_server import engine_settings
 
 from kiln.db.models import utcnow
 from kiln.engine import EngineMetrics, build_local_engine
-from kiln.service import jobs
+from kiln.service import job_leases, jobs
 from kiln.service.accounts import get_user
-from kiln.service.engine_runner import EngineJobRunner
+from kiln.service.scheduler import Scheduler
 from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import get_plan, update_plan
 from kiln.service.storage import ImageStore
@@ -32,10 +33,10 @@ def test_leases_decide_who_may_take_a_job(db, settings, make_user, clock) -> Non
     store = ImageStore(settings.images_dir)
     now = utcnow()
     live, dead, young, old = (admit(db, store, clock, p) for p in ("live", "dead", "young", "old"))
-    jobs.lease_jobs(db, [live], "live-server", now + dt.timedelta(seconds=30))
-    jobs.lease_jobs(db, [dead], "dead-server", now - dt.timedelta(seconds=1))
+    job_leases.lease_jobs(db, [live], "live-server", now + dt.timedelta(seconds=30))
+    job_leases.lease_jobs(db, [dead], "dead-server", now - dt.timedelta(seconds=1))
     jobs.mark_running(db, dead, attempt=1)
-    jobs.lease_jobs(db, [old], "nobody", now - dt.timedelta(seconds=1))  # then forget the holder:
+    job_leases.lease_jobs(db, [old], "nobody", now - dt.timedelta(seconds=1))  # then forget the holder:
     with db.begin() as session:
         from kiln.db.models import Job
 
@@ -43,7 +44,7 @@ def test_leases_decide_who_may_take_a_job(db, settings, make_user, clock) -> Non
         session.get(Job, old).created_at = now - dt.timedelta(seconds=60)
 
     def sweep(name: str) -> list[str]:
-        return [v.id for v in jobs.adopt_orphans(db, name, now + dt.timedelta(seconds=30), now, 30.0)]
+        return [v.id for v in job_leases.adopt_orphans(db, name, 30.0, now=now, grace_s=30.0)]
 
     with ThreadPoolExecutor(2) as pool:  # two servers sweep at once: each job goes to one of them
         claims = list(pool.map(sweep, ["a", "b"]))
@@ -61,18 +62,28 @@ async def test_a_dead_server_s_running_job_is_adopted_and_run_again_charged_once
     ann = make_user("ann")
     store = ImageStore(settings.images_dir)
     orphan = admit(db, store, clock, "a fox")  # started by a server that then died
-    jobs.lease_jobs(db, [orphan], "dead-server", utcnow() - dt.timedelta(seconds=1))
+    job_leases.lease_jobs(db, [orphan], "dead-server", utcnow() - dt.timedelta(seconds=1))
     jobs.mark_running(db, orphan, attempt=1)
     engine, executor = build_local_engine(engine_settings(settings, tmp_path),
                                           metrics=EngineMetrics(CollectorRegistry()))
-    runner = EngineJobRunner(db, store, PlanCache(db, 1.0), engine, executor, lease_s=30.0)
-    await runner.start()
+    updates: list = []
+    done = asyncio.Event()
+
+    def publish(update) -> None:  # type: ignore[no-untyped-def]
+        updates.append(update)
+        if update.name in ("completed", "failed", "cancelled"):
+            done.set()
+
+    scheduler = Scheduler(db, store, PlanCache(db, 1.0), engine, executor, scheduler_id="live",
+                          lease_s=30.0, publish=publish)
+    await scheduler.start()
     try:
-        outcome = await runner.wait(orphan, 60)
-        events = [e.name async for e in runner.events(orphan)]
+        await asyncio.wait_for(done.wait(), 60)
     finally:
-        await runner.stop()
+        await scheduler.stop()
     view = jobs.get_job(db, orphan)
-    assert outcome.status == "succeeded" and view.attempts == 2 and view.charge_state == "committed"
-    assert events[0] == "queued" and events[-1] == "completed"
+    assert view.status == "succeeded" and view.attempts == 2 and view.charge_state == "committed"
+    names = [u.name for u in updates if u.job_id == orphan]
+    assert names[0] == "queued" and names[-1] == "completed" and "started" in names
+    assert updates[-1].charge_state == "committed" and updates[-1].user_id == ann.user_id
     assert jobs.usage_of(db, ann.user_id, get_plan(db, "free"), clock.now()).used == 1
