@@ -2,8 +2,9 @@
 one small script and one stylesheet, every asset served by Kiln itself (no CDN, works offline).
 
 The app factory calls `install_web(app, state)` once. The API's auth dependency calls
-`kiln.web.session.session_account(request)` when a request has no API key, so the browser uses the
-same /v1 endpoints as every other client.
+`kiln.web.session.session_account_async(request)` (or, from a sync dependency, `session_account`)
+when a request has no API key, so the browser uses the same /v1 endpoints as every other client.
+No handler here runs a database call or argon2 on the event loop (tests/web/test_loop_lag.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def install_web(app: FastAPI, state: AppState) -> None:
     from kiln.web.throttle import SignInThrottle
 
     install_sessions(app, state.settings)
-    app.state.kiln_sign_in_throttle = SignInThrottle()
+    app.state.kiln_sign_in_throttle = SignInThrottle(state.settings.throttle_storage_url)
     admin.install_admin_errors(app)
     app.include_router(signin.router)
     app.include_router(chat.router)
