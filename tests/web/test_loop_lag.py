@@ -11,6 +11,7 @@ process was not scheduled or a thread-pool thread had the GIL, which no handler 
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from web_helpers import run_async
 
 from kiln.looplag import watching
 from kiln.service import accounts
@@ -65,10 +67,17 @@ def test_no_web_page_holds_the_event_loop(web: Any, people: Any) -> None:
         "job_id": job.json()["id"],
         "clients": 4,
     }
-    with watching(web.loop, interval_s=0.005) as probe:
-        load = subprocess.run(
-            [sys.executable, str(CLIENTS), json.dumps(config)], capture_output=True, text=True, timeout=120
-        )
+    # The test process's own heap (the browser driver, earlier tests) is not the server's: frozen, a
+    # full collection during the load scans only what the load made (one was 0.57 s on the loop).
+    gc.collect()
+    gc.freeze()
+    try:
+        with watching(web.loop, interval_s=0.005) as probe:
+            load = subprocess.run(
+                [sys.executable, str(CLIENTS), json.dumps(config)], capture_output=True, text=True, timeout=120
+            )
+    finally:
+        gc.unfreeze()
     assert load.returncode == 0, load.stderr[-3000:]
     result = json.loads(load.stdout.strip().splitlines()[-1])
     counts = result["counts"]
@@ -78,6 +87,7 @@ def test_no_web_page_holds_the_event_loop(web: Any, people: Any) -> None:
         "admin 200", "stats 200", "wrong password 401", "right password 303",
     }
     assert set(counts) == expected, counts
+    print(f"loop lag ≤ {probe.max_lag_s * 1000:.0f} ms, busy ≤ {probe.max_busy_s * 1000:.0f} ms, {counts}")
     assert probe.ticks > 10
     assert probe.max_busy_s < MAX_BUSY_S, (
         f"the event loop's thread ran callbacks for {probe.max_busy_s * 1000:.0f} ms at a stretch "
@@ -111,7 +121,7 @@ def test_the_probe_tells_a_held_loop_from_a_busy_one() -> None:
         await probe.stop()
         return probe, generate_latest(registry)
 
-    probe, exported = asyncio.run(main())
+    probe, exported = run_async(main())
     assert probe.max_busy_s >= 0.12
     assert b"kiln_event_loop_lag_seconds_bucket" in exported and b"kiln_event_loop_busy_seconds" in exported
     assert b"kiln_event_loop_lag_max_seconds" in exported

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from starlette.requests import Request
+from web_helpers import run_async
 
 from kiln.service import accounts
 from kiln.web import session_store
@@ -61,7 +62,7 @@ def test_the_async_forms_read_the_database_off_the_loop(signed_in: Any) -> None:
         again = await session_user_async(req)  # one lookup per request
         return first, again, threading.get_ident()
 
-    first, again, loop_thread = asyncio.run(main())
+    first, again, loop_thread = run_async(main())
     assert first.user_id == user_id and again is first
     assert len(factory.threads) == 1 and factory.threads[0] != loop_thread
 
@@ -71,12 +72,12 @@ def test_sync_and_async_give_the_same_answers(signed_in: Any) -> None:
     assert session_account(request(factory, token)).user_id == user_id
     assert session_user(request(factory, "not-a-session")) is None
     assert session_account(request(factory, None)) is None
-    assert asyncio.run(session_account_async(request(factory, None))) is None
-    assert asyncio.run(session_user_async(request(factory, "not-a-session"))) is None
+    assert run_async(session_account_async(request(factory, None))) is None
+    assert run_async(session_user_async(request(factory, "not-a-session"))) is None
     posted = request(factory, token, "POST", csrf_header="the-token")
-    assert asyncio.run(session_account_async(posted)).user_id == user_id
+    assert run_async(session_account_async(posted)).user_id == user_id
     for check in (session_account, session_account_async):
         with pytest.raises(CsrfRejected):
             result = check(request(factory, token, "POST"))
             if asyncio.iscoroutine(result):
-                asyncio.run(result)
+                run_async(result)
