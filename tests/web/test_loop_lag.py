@@ -126,3 +126,29 @@ def test_the_probe_tells_a_held_loop_from_a_busy_one() -> None:
     assert probe.max_busy_s >= 0.12
     assert b"kiln_event_loop_lag_seconds_bucket" in exported and b"kiln_event_loop_busy_seconds" in exported
     assert b"kiln_event_loop_lag_max_seconds" in exported
+
+
+def test_every_web_handler_and_dependency_is_sync() -> None:
+    """The rule the timing test samples, checked for every route: a web handler that reads the
+    database is a plain `def`, so FastAPI runs it (and its dependencies) in the thread pool."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    from kiln.web import admin, chat, signin
+
+    def calls(dependant: Any) -> Any:
+        yield dependant.call
+        for sub in dependant.dependencies:
+            yield from calls(sub)
+
+    routes = [r for router in (admin.router, chat.router, signin.router) for r in router.routes]
+    assert len(routes) >= 15
+    on_the_loop = sorted(
+        f"{route.path} {getattr(call, '__name__', call)}"
+        for route in routes
+        if isinstance(route, APIRoute)
+        for call in calls(route.dependant)
+        if call is not None and inspect.iscoroutinefunction(call)
+    )
+    assert on_the_loop == [], f"async web handlers (their database calls would run on the loop): {on_the_loop}"
