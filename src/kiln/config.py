@@ -159,6 +159,9 @@ class Settings(BaseSettings):
     """How long a web UI sign-in lasts."""
     session_https_only: bool = False
     """Mark the session cookie Secure (set it when Kiln is served over HTTPS)."""
+    throttle_storage_url: str = Field("memory://", pattern=r"^[a-z][a-z0-9+.-]*://")
+    """Where the web UI's sign-in throttle counts wrong passwords: any synchronous `limits` storage
+    URI; `memory://` counts per process, `redis://host:6379/0` across every replica sharing it."""
 
     @field_validator("models")
     @classmethod

@@ -90,19 +90,3 @@ def test_guessing_passwords_is_slowed_down(open_page: Any, people: Any) -> None:
     assert response.value.status == 429 and int(response.value.headers["retry-after"]) > 0
     expect(page.locator(".alert")).to_have_text("Too many wrong passwords. Try again in 5 min.")
 
-
-def test_the_throttle_forgets_after_its_window() -> None:
-    from kiln.web.throttle import SignInThrottle
-
-    now = [0.0]
-    throttle = SignInThrottle(max_failures=2, window_s=60, max_failures_per_address=2, clock=lambda: now[0])
-    throttle.failed("name:a", "addr:x")
-    assert throttle.retry_after_s("name:a") == 0
-    now[0] = 10
-    throttle.failed("name:a", "addr:x")
-    assert throttle.retry_after_s("name:a") == 50 and throttle.retry_after_s("addr:x") == 50
-    assert throttle.retry_after_s("name:b") == 0
-    now[0] = 61  # the first failure has left the window: one is not enough to wait
-    assert throttle.retry_after_s("name:a", "addr:x") == 0
-    throttle.succeeded("name:a")
-    assert throttle.retry_after_s("name:a") == 0

@@ -15,3 +15,12 @@ def sign_in(page: Any, person: Any) -> None:
     page.click("button[type=submit]")
     page.wait_for_url("**/")
     page.wait_for_selector("#composer")
+
+
+def run_async(coroutine: Any) -> Any:
+    """`asyncio.run` on a thread of its own: Playwright's sync API keeps a loop running on this one."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()

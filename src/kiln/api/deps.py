@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -28,7 +27,7 @@ async def current_account(
     Without a key, the web UI's signed-in user (CSRF-checked for state-changing calls)."""
     if credentials is None or not credentials.credentials:
         if state.browser_account is not None:
-            browser = await asyncio.to_thread(state.browser_account, request)
+            browser = await state.browser_account(request)
             if browser is not None:
                 return browser
         raise AuthenticationFailed(

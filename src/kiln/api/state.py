@@ -7,7 +7,7 @@ the admission transaction) and follows them through `SchedulerClient`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from kiln.service.scheduler_client import SchedulerClient
 from kiln.service.storage import ImageStore
 from kiln.worker.registry import ModelRegistry
 
-BrowserAccount = Callable[[Any], Any]
+BrowserAccount = Callable[[Any], Awaitable[Any]]
 """The web UI's signed-in account for a request without an API key (installed by the web UI)."""
 
 

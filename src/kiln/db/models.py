@@ -1,6 +1,8 @@
 """The tables Kiln's contract needs: plans, users, API keys, jobs, images and the daily quota ledger.
 
-Rows only; the rules that change them (quota, admission, claiming) live in `kiln.service`.
+Rows only; the rules that change them (quota, admission, claiming) live in `kiln.service`. The web
+UI's tables live in `web_models`, which imports this module (never the other way); `kiln.db.metadata`
+holds them all.
 """
 
 from __future__ import annotations
@@ -153,7 +155,3 @@ class Image(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="images")
-
-
-# --- web UI tables (chat conversations) live in their own module; imported so the metadata has them.
-from kiln.db import web_models as _web_models  # noqa: E402, F401

@@ -2,8 +2,10 @@
 one small script and one stylesheet, every asset served by Kiln itself (no CDN, works offline).
 
 `kiln.app.create_app` calls `install_web(app, state)` once. It installs the signed-in account as
-`state.browser_account`, which the API's auth dependency asks when a request has no API key, so the
-browser uses the same /v1 endpoints as every other client (and the API never imports the web UI).
+`state.browser_account` (`session_account_async`), which the API's auth dependency awaits when a
+request has no API key, so the browser uses the same /v1 endpoints as every other client (and the API
+never imports the web UI). No handler here runs a database call or argon2 on the event loop
+(tests/web/test_loop_lag.py).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ def install_web(app: FastAPI, state: AppState) -> None:
     """Sessions, the pages, their two JSON calls and the static files."""
     from kiln.web import admin, chat, signin
     from kiln.web.render import STATIC_DIR
-    from kiln.web.session import install_sessions, session_account
+    from kiln.web.session import install_sessions, session_account_async
     from kiln.web.throttle import SignInThrottle
 
     install_sessions(app, state.settings)
-    state.browser_account = session_account
-    app.state.kiln_sign_in_throttle = SignInThrottle()
+    state.browser_account = session_account_async
+    app.state.kiln_sign_in_throttle = SignInThrottle(state.settings.throttle_storage_url)
     admin.install_admin_errors(app)
     app.include_router(signin.router)
     app.include_router(chat.router)

@@ -1,6 +1,8 @@
 """The operator's dashboard at `/admin`: live charts, plans edited live, users and keys.
 
-Admins only; everyone else gets the same 404 as for a page that does not exist.
+Admins only; everyone else gets the same 404 as for a page that does not exist. Every handler is a
+plain `def` (FastAPI runs it in its thread pool): each reads or writes the database, and creating a
+user hashes a password with argon2 — none of it may run on the event loop.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 from kiln.errors import InvalidRequest, KilnError, NotFound
 from kiln.service import accounts, plans
@@ -45,12 +46,12 @@ AdminForm = Annotated[Account, Depends(admin_form)]
 
 def install_admin_errors(app) -> None:  # type: ignore[no-untyped-def]
     @app.exception_handler(NotAdmin)
-    async def _not_admin(request: Request, _: NotAdmin) -> Response:
+    def _not_admin(request: Request, _: NotAdmin) -> Response:  # sync: Starlette runs it in a thread
         return not_found_page(request, session_user(request))
 
 
 @router.get("")
-async def dashboard(request: Request, account: Admin) -> Response:
+def dashboard(request: Request, account: Admin) -> Response:
     return _dashboard(request, account)
 
 
@@ -71,8 +72,8 @@ def _dashboard(request: Request, account: Account, status_code: int = 200, **ext
 
 
 @router.get("/api/stats")
-async def stats_json(request: Request, _: Admin) -> dict:
-    snapshot = await run_in_threadpool(stats.snapshot, request.app)
+def stats_json(request: Request, _: Admin) -> dict:
+    snapshot = stats.snapshot(request.app)
     snapshot["plans"] = [p.name for p in plans.list_plans(request.app.state.kiln.db)]
     return snapshot
 
@@ -88,7 +89,7 @@ def _optional_int(value: str, field: str) -> int | None:
 
 
 @router.post("/plans/{name}")
-async def update_plan(
+def update_plan(
     request: Request,
     _: AdminForm,
     name: str,
@@ -135,7 +136,7 @@ def _flash(request: Request, message: str, anchor: str = "") -> Response:
 
 
 @router.post("/users")
-async def create_user(
+def create_user(
     request: Request,
     _: AdminForm,
     name: Annotated[str, Form()],
@@ -144,13 +145,8 @@ async def create_user(
     is_admin: Annotated[bool, Form()] = False,
 ) -> Response:
     try:
-        await run_in_threadpool(
-            accounts.create_user,
-            request.app.state.kiln.db,
-            name.strip(),
-            plan,
-            is_admin=is_admin,
-            password=password or None,
+        accounts.create_user(
+            request.app.state.kiln.db, name.strip(), plan, is_admin=is_admin, password=password or None
         )
     except KilnError as exc:
         return _flash(request, exc.message, "#users")
@@ -158,7 +154,7 @@ async def create_user(
 
 
 @router.post("/users/{name}/plan")
-async def set_user_plan(request: Request, _: AdminForm, name: str, plan: Annotated[str, Form()]) -> Response:
+def set_user_plan(request: Request, _: AdminForm, name: str, plan: Annotated[str, Form()]) -> Response:
     try:
         accounts.set_plan(request.app.state.kiln.db, name, plan)
     except KilnError as exc:
@@ -167,7 +163,7 @@ async def set_user_plan(request: Request, _: AdminForm, name: str, plan: Annotat
 
 
 @router.post("/keys")
-async def create_key(
+def create_key(
     request: Request, account: AdminForm, user: Annotated[str, Form()], label: Annotated[str, Form()] = ""
 ) -> Response:
     try:
@@ -178,7 +174,7 @@ async def create_key(
 
 
 @router.post("/keys/{prefix}/revoke")
-async def revoke_key(request: Request, _: AdminForm, prefix: str) -> Response:
+def revoke_key(request: Request, _: AdminForm, prefix: str) -> Response:
     try:
         info = accounts.revoke_key(request.app.state.kiln.db, prefix)
     except KilnError as exc:

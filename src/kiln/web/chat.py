@@ -1,5 +1,7 @@
 """The chat at `/`: pages for the thread and the user's API keys, and the two small JSON calls the
 page makes to remember conversations. Images themselves go through the public /v1 jobs API.
+
+Every handler is a plain `def` (FastAPI runs it in its thread pool): each one reads the database.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
 from kiln.errors import AuthenticationFailed, KilnError, NotFound
 from kiln.service import accounts, plans
@@ -33,16 +34,16 @@ SignedIn = Annotated[Account, Depends(signed_in)]
 
 
 @router.get("/")
-async def chat_home(request: Request) -> Response:
-    return await _chat(request, None)
+def chat_home(request: Request) -> Response:
+    return _chat(request, None)
 
 
 @router.get("/c/{conversation_id}")
-async def chat_conversation(request: Request, conversation_id: str) -> Response:
-    return await _chat(request, conversation_id)
+def chat_conversation(request: Request, conversation_id: str) -> Response:
+    return _chat(request, conversation_id)
 
 
-async def _chat(request: Request, conversation_id: str | None) -> Response:
+def _chat(request: Request, conversation_id: str | None) -> Response:
     account = browser_account(request)
     if account is None:
         return to_login(request)
@@ -77,13 +78,13 @@ class NewMessage(BaseModel):
 
 
 @router.post("/web/api/conversations", status_code=201)
-async def new_conversation(request: Request, account: SignedIn, body: NewConversation) -> dict:
+def new_conversation(request: Request, account: SignedIn, body: NewConversation) -> dict:
     info = conversations.create_conversation(request.app.state.kiln.db, account.user_id, body.title)
     return {"id": info.id, "title": info.title, "url": f"/c/{info.id}"}
 
 
 @router.post("/web/api/conversations/{conversation_id}/messages", status_code=201)
-async def new_message(request: Request, account: SignedIn, conversation_id: str, body: NewMessage) -> dict:
+def new_message(request: Request, account: SignedIn, conversation_id: str, body: NewMessage) -> dict:
     view = conversations.add_message(
         request.app.state.kiln.db,
         account.user_id,
@@ -97,7 +98,7 @@ async def new_message(request: Request, account: SignedIn, conversation_id: str,
 
 
 @router.get("/keys")
-async def keys_page(request: Request) -> Response:
+def keys_page(request: Request) -> Response:
     account = browser_account(request)
     if account is None:
         return to_login(request)
@@ -110,7 +111,7 @@ def _keys(request: Request, account: Account, **extra: object) -> Response:
 
 
 @router.post("/keys")
-async def create_key(
+def create_key(
     request: Request,
     label: Annotated[str, Form(max_length=128)] = "",
     csrf_token: Annotated[str, Form()] = "",
@@ -119,14 +120,12 @@ async def create_key(
     account = session_user(request)
     if account is None:
         return to_login(request)
-    key, _ = await run_in_threadpool(
-        accounts.create_key, request.app.state.kiln.db, account.name, label.strip() or None
-    )
+    key, _ = accounts.create_key(request.app.state.kiln.db, account.name, label.strip() or None)
     return _keys(request, account, new_key=key)  # rendered, never stored: shown exactly once
 
 
 @router.post("/keys/{prefix}/revoke")
-async def revoke_key(request: Request, prefix: str, csrf_token: Annotated[str, Form()] = "") -> Response:
+def revoke_key(request: Request, prefix: str, csrf_token: Annotated[str, Form()] = "") -> Response:
     check_csrf(request, csrf_token)
     account = session_user(request)
     if account is None:

@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
 from kiln.config import Settings
@@ -77,6 +78,7 @@ def check_csrf(request: Request, submitted: str | None) -> None:
 
 
 def sign_in(request: Request, account: Account) -> None:
+    """A new session row for `account` (a database write: call it off the event loop)."""
     state = request.app.state.kiln
     token = session_store.open_session(state.db, account.user_id, state.settings.session_max_age_s)
     request.session.clear()  # a fresh session and CSRF token: no fixation across the sign-in
@@ -85,28 +87,66 @@ def sign_in(request: Request, account: Account) -> None:
 
 
 def sign_out(request: Request) -> None:
+    """Deletes the session row (a database write: call it off the event loop)."""
     token = request.session.get("sid")
     if token:
         session_store.close_session(request.app.state.kiln.db, token)
     request.session.clear()
 
 
-def session_user(request: Request) -> Account | None:
-    """The signed-in user, without a CSRF check: for safe methods, or after `check_csrf`."""
-    if "session" not in request.scope or not request.session.get("sid"):
+_ACCOUNT = "kiln_web_account"
+"""Where a request's looked-up account is kept in its scope: one database read per request."""
+
+
+def _session_token(request: Request) -> str | None:
+    if "session" not in request.scope:
         return None
-    if "kiln_web_account" not in request.scope:  # one lookup per request
-        owner = session_store.session_owner(request.app.state.kiln.db, request.session["sid"])
-        request.scope["kiln_web_account"] = owner
-    return request.scope["kiln_web_account"]
+    return request.session.get("sid") or None
+
+
+def session_user(request: Request) -> Account | None:
+    """The signed-in user, without a CSRF check: for safe methods, or after `check_csrf`.
+
+    Reads the database on a request's first call: call it from sync code (a `def` handler or
+    dependency, which FastAPI runs in its thread pool); on the event loop, `await session_user_async`."""
+    token = _session_token(request)
+    if token is None:
+        return None
+    if _ACCOUNT not in request.scope:
+        request.scope[_ACCOUNT] = session_store.session_owner(request.app.state.kiln.db, token)
+    return request.scope[_ACCOUNT]
+
+
+async def session_user_async(request: Request) -> Account | None:
+    """`session_user` for coroutines: the database read runs in the thread pool."""
+    token = _session_token(request)
+    if token is None:
+        return None
+    if _ACCOUNT not in request.scope:
+        owner = await run_in_threadpool(session_store.session_owner, request.app.state.kiln.db, token)
+        request.scope[_ACCOUNT] = owner
+    return request.scope[_ACCOUNT]
+
+
+def _check_unsafe(request: Request) -> None:
+    if request.method not in SAFE_METHODS:
+        check_csrf(request, request.headers.get(CSRF_HEADER))
 
 
 def session_account(request: Request) -> Account | None:
-    """The signed-in browser user, or None. The API's auth dependency calls this when a request
-    carries no API key; for unsafe methods it raises CsrfRejected (403) unless the
-    `X-CSRF-Token` header matches the session's token."""
-    if "session" not in request.scope or not request.session.get("sid"):
+    """The signed-in browser user, or None, for a request that carries no API key; for unsafe
+    methods it raises CsrfRejected (403) unless the `X-CSRF-Token` header matches the session's
+    token. Sync (reads the database): from an `async def`, await `session_account_async`."""
+    if _session_token(request) is None:
         return None
-    if request.method not in SAFE_METHODS:
-        check_csrf(request, request.headers.get(CSRF_HEADER))
+    _check_unsafe(request)
     return session_user(request)
+
+
+async def session_account_async(request: Request) -> Account | None:
+    """`session_account` for coroutines (the API's auth dependency): same answers, same CSRF rule,
+    the database read in the thread pool."""
+    if _session_token(request) is None:
+        return None
+    _check_unsafe(request)
+    return await session_user_async(request)

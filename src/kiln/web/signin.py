@@ -1,4 +1,8 @@
-"""Sign-in and sign-out pages: a name, a password, and a fresh session on success."""
+"""Sign-in and sign-out pages: a name, a password, and a fresh session on success.
+
+Plain `def` handlers (FastAPI runs them in its thread pool): the throttle's storage, argon2 and the
+session rows are all blocking calls that must stay off the event loop.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 from kiln.service.accounts import verify_password
 from kiln.web.render import page
@@ -18,14 +21,14 @@ router = APIRouter(include_in_schema=False)
 
 
 @router.get("/login")
-async def login_form(request: Request) -> Response:
+def login_form(request: Request) -> Response:
     if session_account(request) is not None:
         return RedirectResponse("/", status_code=303)
     return page(request, "login.html")
 
 
 @router.post("/login")
-async def login(
+def login(
     request: Request,
     username: Annotated[str, Form()] = "",
     password: Annotated[str, Form()] = "",
@@ -45,7 +48,7 @@ async def login(
             headers={"Retry-After": str(math.ceil(wait_s))},
         )
     db = request.app.state.kiln.db
-    account = await run_in_threadpool(verify_password, db, username.strip(), password)  # argon2: slow
+    account = verify_password(db, username.strip(), password)  # argon2: slow on purpose
     if account is None:
         throttle.failed(*keys)
         return page(
@@ -57,7 +60,7 @@ async def login(
 
 
 @router.post("/logout")
-async def logout(request: Request, csrf_token: Annotated[str, Form()] = "") -> Response:
+def logout(request: Request, csrf_token: Annotated[str, Form()] = "") -> Response:
     check_csrf(request, csrf_token)
     sign_out(request)
     return RedirectResponse("/login", status_code=303)

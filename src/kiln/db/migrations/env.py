@@ -3,10 +3,10 @@
 from alembic import context
 
 from kiln.db.engine import make_engine
-from kiln.db.models import Base
+from kiln.db.metadata import metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata  # every module of tables, web UI included
 
 
 def run_migrations_online() -> None:
