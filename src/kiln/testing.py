@@ -96,7 +96,7 @@ class FakePipeline:
         if self.oom_above and len(prompt) > self.oom_above:
             import torch
 
-            raise torch.OutOfMemoryError(f"CUDA out of memory (fake): {len(prompt)} images, {self.oom_above} fit")
+            raise torch.OutOfMemoryError(f"CUDA out of memory (fake): {len(prompt)} > {self.oom_above}")
         if image is not None:
             width, height = image[0].size
         for step in range(num_inference_steps):

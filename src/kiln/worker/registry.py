@@ -73,7 +73,9 @@ def load_diffusers_pipeline(info: ModelInfo) -> Any:
 
     device = placement.worker_device()
     dtype = placement.resolve_dtype(info.dtype, info.path, device)
-    pipe = DiffusionPipeline.from_pretrained(info.path, local_files_only=True, torch_dtype=getattr(torch, dtype))
+    pipe = DiffusionPipeline.from_pretrained(
+        info.path, local_files_only=True, torch_dtype=getattr(torch, dtype)
+    )
     pipe.set_progress_bar_config(disable=True)
     return placement.place(pipe, info.placement, device)
 
