@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,9 @@ def worker_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(dtype: str, model_path: str | Path, device: str) -> str:
+def resolve_dtype(
+    dtype: str, model_path: str | Path, device: str, *, bf16_supported: Callable[[], bool] | None = None
+) -> str:
     """The torch dtype name to load in. `auto`: float32 on CPU; on CUDA bfloat16 for pipelines whose
     denoiser is a transformer (FLUX, SD3, Qwen-Image, Sana, …: trained in bf16, overflow in fp16) and
     float16 for UNet ones (SD1, SDXL), or float16 everywhere on GPUs without bf16."""
@@ -47,7 +50,7 @@ def resolve_dtype(dtype: str, model_path: str | Path, device: str) -> str:
         return dtype
     if not device.startswith("cuda"):
         return "float32"
-    if denoiser_kind(model_path) == "transformer" and _bf16_supported():
+    if denoiser_kind(model_path) == "transformer" and (bf16_supported or _bf16_supported)():
         return "bfloat16"
     return "float16"
 
@@ -109,7 +112,7 @@ def use_sdpa(pipe: Any) -> int:
             twin = SDPA_FALLBACK.get(type(processor).__name__)
             swapped[name] = getattr(attention_processor, twin)() if twin else processor
         if any(swapped[name] is not processors[name] for name in processors):
-            module.set_attn_processor(swapped)
+            module.set_attn_processor(dict(swapped))  # diffusers pops from the dict it is given
         sdpa += sum(1 for p in swapped.values() if type(p).__name__ not in SDPA_FALLBACK)
     return sdpa
 
