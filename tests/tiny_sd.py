@@ -12,12 +12,13 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 def build_tiny_sd(seed: int = 0) -> Any:
     import torch
 
-    from kiln.embedded.components import TINY, assemble_pipeline, build_text_encoder, build_tokenizer, build_unet
-    from kiln.embedded.components import build_vae
+    from kiln.embedded import components as parts
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    pipe = assemble_pipeline(build_vae(TINY), build_text_encoder(tokenizer, TINY), tokenizer, build_unet(TINY))
+    tokenizer = parts.build_tokenizer()
+    sizes = parts.TINY
+    text_encoder = parts.build_text_encoder(tokenizer, sizes)
+    pipe = parts.assemble_pipeline(parts.build_vae(sizes), text_encoder, tokenizer, parts.build_unet(sizes))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -32,8 +32,8 @@ def tiny_with_lora(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 
 def lora_settings(settings, tiny_with_lora, **overrides):  # noqa: ANN001, ANN201
     model, lora = tiny_with_lora
-    spec = ModelSpec(path=model, native_size=64, steps=2, loras={"style": lora, "file": lora /
-                                                                  "pytorch_lora_weights.safetensors"})
+    loras = {"style": lora, "file": lora / "pytorch_lora_weights.safetensors"}
+    spec = ModelSpec(path=model, native_size=64, steps=2, loras=loras)
     return settings.model_copy(update={
         "models": {"tiny": spec}, "default_model": "tiny", "model_aliases": {"gpt-image-1": "tiny"},
         "max_batch_wait_s": 0.0, **overrides})
@@ -44,7 +44,8 @@ def pixels(item: dict) -> np.ndarray:
 
 
 @sqlite_only
-def test_the_same_seed_with_and_without_the_adapter(start_server, settings, tiny_with_lora, make_user) -> None:
+def test_the_same_seed_with_and_without_the_adapter(start_server, settings, tiny_with_lora,
+                                                    make_user) -> None:
     server = start_server(lora_settings(settings, tiny_with_lora))
     ann = make_user(plan="plus")
     body = {"prompt": "a red circle", "seed": 5, "size": "64x64"}
@@ -92,7 +93,8 @@ def test_callers_with_different_adapter_sets_are_not_batched_together(start_serv
                                                    **({"loras": loras} if loras else {})})
             assert response.status_code == 202, response.text
             submitted[user.name] = response.json()["id"]
-    outcomes = {name: server.call(server.state.runner.wait(job_id, 120), 150) for name, job_id in submitted.items()}
+    outcomes = {name: server.call(server.state.runner.wait(job_id, 120), 150)
+                for name, job_id in submitted.items()}
     assert {o.status for o in outcomes.values()} == {"succeeded"}
     batches = {name: batch_of[job_id] for name, job_id in submitted.items()}
     assert batches[ann.name] == batches[cid.name]  # the same adapter set rides together

@@ -83,12 +83,14 @@ def spec(steps: int = 4) -> BatchSpec:
 
 
 def test_run_batch_splits_keeps_seeds_and_reports_the_fit(registry: ModelRegistry) -> None:
-    requests = [GenerationRequest("a", "a red circle", seed=7, n=5), GenerationRequest("b", "blue", seed=3, n=3)]
+    requests = [GenerationRequest("a", "a red circle", seed=7, n=5),
+                GenerationRequest("b", "blue", seed=3, n=3)]
     fits: list[int] = []
     progress: list[StepProgress] = []
     images = run_batch(registry, spec(), requests, on_fit=fits.append, on_progress=progress.append)
-    assert [img.getpixel((0, 0)) for img in images["a"]] == [prompt_colour("a red circle", 7 + i) for i in range(5)]
-    assert [img.getpixel((0, 0)) for img in images["b"]] == [prompt_colour("blue", 3 + i) for i in range(3)]
+    colours = {rid: [img.getpixel((0, 0)) for img in imgs] for rid, imgs in images.items()}
+    assert colours["a"] == [prompt_colour("a red circle", 7 + i) for i in range(5)]
+    assert colours["b"] == [prompt_colour("blue", 3 + i) for i in range(3)]
     assert [len(call["prompt"]) for call in registry.pipeline("fake").calls] == [8, 4, 2, 2, 2, 2]
     assert fits == [2]
     steps = [p.step for p in progress]

@@ -49,7 +49,8 @@ def test_spec_defaults_to_auto_and_carries_the_switches(tmp_path: Path) -> None:
     spec = ModelSpec(path=tmp_path, compile=True, channels_last=True, vae_tiling_above=512)
     info = read_model_info("m", spec)
     assert info.dtype == "auto"
-    assert info.placement == Placement(compile=True, channels_last=True, vae_tiling_above=512, vae_slicing_above=4)
+    assert info.placement == Placement(compile=True, channels_last=True, vae_tiling_above=512,
+                                       vae_slicing_above=4)
 
 
 def test_loaded_pipeline_is_float32_with_sdpa_attention_on_cpu(tiny_model: Path) -> None:

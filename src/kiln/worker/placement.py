@@ -125,15 +125,19 @@ def _components(pipe: Any) -> list[Any]:
 def configure_vae(pipe: Any, placement: Placement, width: int, height: int, images: int) -> None:
     """Tiled decoding for large images and sliced decoding for large batches, per call: small work
     keeps the exact untiled decode. A VAE without these switches is left as it is."""
+    _switch(pipe, "tiling", max(width, height) > placement.vae_tiling_above)
+    _switch(pipe, "slicing", images > placement.vae_slicing_above)
+
+
+def _switch(pipe: Any, feature: str, on: bool) -> None:
+    """The VAE's own switch (diffusers 0.42), else the pipeline's older `enable_vae_*` one."""
+    verb = "enable" if on else "disable"
     vae = getattr(pipe, "vae", None)
-    _switch(vae, "tiling", max(width, height) > placement.vae_tiling_above)
-    _switch(vae, "slicing", images > placement.vae_slicing_above)
-
-
-def _switch(vae: Any, feature: str, on: bool) -> None:
-    method = getattr(vae, f"{'enable' if on else 'disable'}_{feature}", None)
-    if method is not None and getattr(vae, f"use_{feature}", None) != on:
-        method()
+    if hasattr(vae, f"{verb}_{feature}"):
+        if getattr(vae, f"use_{feature}", None) != on:
+            getattr(vae, f"{verb}_{feature}")()
+    elif hasattr(pipe, f"{verb}_vae_{feature}"):
+        getattr(pipe, f"{verb}_vae_{feature}")()
 
 
 def generator_device(pipe: Any) -> Any:
