@@ -22,6 +22,7 @@ from kiln.executor.base import (
 )
 from kiln.executor.messages import CancelBatch, ModelLoaded, RunBatch, Stop, ToWorker, WorkerReady
 from kiln.worker.registry import ModelInfo, ModelRegistry
+from kiln.worker.requests import BatchSpec
 
 
 def worker_main(
@@ -67,7 +68,7 @@ class _Worker:
         self.outbox = outbox
         self.pending: deque[ToWorker] = deque()
         self.loaded: set[str] = set()
-        self.fits: dict[object, int] = {}
+        self.fits: dict[BatchSpec, int] = {}
         """Most images one call managed per batch spec after running out of memory: later batches
         of that spec start at that size instead of running out again first."""
 
