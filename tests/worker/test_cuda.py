@@ -68,7 +68,7 @@ class MemoryHungry:
     def __call__(self, **kwargs: Any) -> Any:
         self.sizes.append(len(kwargs["prompt"]))
         quarter = torch.cuda.get_device_properties(0).total_memory // 4
-        hold = torch.empty(len(kwargs["prompt"]) * quarter, dtype=torch.uint8, device="cuda")  # real allocator
+        hold = torch.empty(len(kwargs["prompt"]) * quarter, dtype=torch.uint8, device="cuda")  # may OOM
         try:
             return self.pipe(**kwargs)
         finally:
