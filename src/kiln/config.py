@@ -5,6 +5,7 @@ Settings are built by `load_settings` inside the app factory or a CLI command, n
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic_settings import (
 
 EMBEDDED_MODEL_PATH = Path(__file__).parent / "embedded" / "model"
 EMBEDDED_MODEL_NAME = "kiln-embedded"
+LORA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class ModelSpec(BaseModel):
@@ -25,8 +27,9 @@ class ModelSpec(BaseModel):
 
     path: Path
     """Directory holding a diffusers pipeline saved with `save_pretrained`."""
-    dtype: str = Field("float32", pattern="^(float32|float16|bfloat16)$")
-    """Torch dtype the pipeline is loaded in."""
+    dtype: str = Field("auto", pattern="^(auto|float32|float16|bfloat16)$")
+    """Torch dtype the pipeline is loaded in. `auto`: float32 on CPU; on CUDA bfloat16 for
+    transformer-denoiser families (FLUX, SD3, Qwen-Image, Sana, …) and float16 for UNet ones (SD1, SDXL)."""
     steps: int | None = Field(None, ge=1, le=200)
     """Default denoising steps; None takes the model's own default (its kiln.json) or 30."""
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
@@ -37,6 +40,26 @@ class ModelSpec(BaseModel):
     """`module:function` that loads the pipeline; tests name a fake here, which must run in workers too."""
     options: dict[str, float | int | str] = Field(default_factory=dict)
     """Extra keyword arguments for the loader."""
+    compile: bool = False
+    """`torch.compile` the denoiser (UNet or transformer) at load: slower first batches per shape,
+    faster steps after. Needs a working compiler toolchain in the worker."""
+    channels_last: bool = False
+    """Put the UNet and VAE in channels-last memory format (helps convolutions on CUDA)."""
+    vae_tiling_above: int = Field(1536, ge=64, le=16384)
+    """Decode in tiles when the image's longer side is above this many pixels (bounds VAE memory)."""
+    vae_slicing_above: int = Field(4, ge=1, le=64)
+    """Decode one image at a time when a batch has more images than this."""
+    loras: dict[str, Path] = Field(default_factory=dict)
+    """LoRA adapters requests may name, by name: a directory or `.safetensors` file written by
+    diffusers' `save_lora_weights`. Loaded into a worker on first use, kept afterwards."""
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_names(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name in value:  # peft keeps adapters in a ModuleDict: no dots, nothing odd
+            if not LORA_NAME.fullmatch(name):
+                raise ValueError(f"LoRA name {name!r}: use 1–64 letters, digits, '_' or '-'")
+        return value
 
 
 class PlanSpec(BaseModel):

@@ -50,16 +50,20 @@ class FakePipeline:
     (os._exit), as a segfaulting CUDA kernel would. When `crash_once_dir` is set, a crash prompt kills
     the process only the first time (a marker file remembers it). Its step callback gets `latents`
     (8×8, fading in the final colour) that its `vae` decodes, so step previews work as with diffusers.
+    With `oom_above` set, a call for more images than that runs out of (fake) GPU memory.
     """
 
     fail_marker = "[[fail]]"
     oom_marker = "[[oom]]"
     crash_marker = "[[crash]]"
 
-    def __init__(self, step_s: float = 0.0, task: str = "generate", crash_once_dir: str = "") -> None:
+    def __init__(
+        self, step_s: float = 0.0, task: str = "generate", crash_once_dir: str = "", oom_above: int = 0
+    ) -> None:
         self.step_s = step_s
         self.task = task
         self.crash_once_dir = crash_once_dir
+        self.oom_above = oom_above
         self._interrupt = False
         self.calls: list[dict[str, Any]] = []
         self.vae = _FakeVae()
@@ -69,7 +73,7 @@ class FakePipeline:
         return self._interrupt
 
     def derive(self, task: str) -> FakePipeline:
-        return type(self)(self.step_s, task, self.crash_once_dir)
+        return type(self)(self.step_s, task, self.crash_once_dir, self.oom_above)
 
     def set_progress_bar_config(self, **_: Any) -> None:
         pass
@@ -89,6 +93,10 @@ class FakePipeline:
         self.calls.append({"prompt": list(prompt), "steps": num_inference_steps, **kwargs})
         for text in prompt:
             self._maybe_fail(text)
+        if self.oom_above and len(prompt) > self.oom_above:
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (fake): {len(prompt)} > {self.oom_above}")
         if image is not None:
             width, height = image[0].size
         for step in range(num_inference_steps):
@@ -130,9 +138,11 @@ def _latents(prompt: list[str], generator: list[Any], step: int, steps: int) -> 
     return values[:, :, None, None].expand(-1, -1, 8, 8)
 
 
-def load_fake_pipeline(info: Any, step_s: float = 0.0, crash_once_dir: str = "", hold_until: str = "") -> FakePipeline:
+def load_fake_pipeline(
+    info: Any, step_s: float = 0.0, crash_once_dir: str = "", hold_until: str = "", oom_above: int = 0
+) -> FakePipeline:
     """`hold_until`: a path; loading waits until it exists, so a worker stays not ready and every job
-    stays queued until a test creates the file."""
+    stays queued until a test creates the file. `oom_above`: see FakePipeline."""
     while hold_until and not Path(hold_until).exists():
         time.sleep(0.02)
-    return FakePipeline(step_s=float(step_s), crash_once_dir=str(crash_once_dir))
+    return FakePipeline(step_s=float(step_s), crash_once_dir=str(crash_once_dir), oom_above=int(oom_above))

@@ -73,10 +73,10 @@ class FakeExecutor:
     def progress(self, batch_id: str, step: int, total: int = 4) -> None:
         self.outputs.append(BatchProgress(batch_id, step, total, {}))
 
-    def complete(self, batch_id: str, duration_s: float = 1.0) -> None:
+    def complete(self, batch_id: str, duration_s: float = 1.0, fit_images: int | None = None) -> None:
         batch = self.running.pop(batch_id)
         images = {r.request_id: tuple(f"{r.request_id}:{i}".encode() for i in range(r.n)) for r in batch.requests}
-        self.outputs.append(BatchCompleted(batch_id, images, duration_s))
+        self.outputs.append(BatchCompleted(batch_id, images, duration_s, fit_images))
 
     def fail(self, batch_id: str, code: str = "generation_failed") -> None:
         self.running.pop(batch_id)

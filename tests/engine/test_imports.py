@@ -8,7 +8,8 @@ import sys
 
 def test_engine_imports_no_heavy_layers():
     code = (
-        "import sys, kiln.engine, kiln.executor, kiln.engine.admission, kiln.engine.loop;"
+        "import sys, kiln.engine, kiln.executor, kiln.engine.admission, kiln.engine.loop, kiln.engine.limits,"
+        " kiln.executor.messages;"
         "bad = [m for m in ('torch', 'sqlalchemy', 'fastapi', 'kiln.db', 'kiln.api', 'kiln.service')"
         " if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )

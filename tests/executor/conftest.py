@@ -15,7 +15,7 @@ from kiln.worker.requests import BatchSpec, GenerationRequest
 STEP_S = 0.02
 
 
-def fake_model(crash_once_dir: str = "") -> dict[str, ModelInfo]:
+def fake_model(crash_once_dir: str = "", oom_above: int = 0) -> dict[str, ModelInfo]:
     info = ModelInfo(
         name="fake",
         path=".",
@@ -24,13 +24,13 @@ def fake_model(crash_once_dir: str = "") -> dict[str, ModelInfo]:
         guidance_scale=7.5,
         dtype="float32",
         loader="kiln.testing:load_fake_pipeline",
-        options=(("crash_once_dir", crash_once_dir), ("step_s", STEP_S)),
+        options=(("crash_once_dir", crash_once_dir), ("oom_above", oom_above), ("step_s", STEP_S)),
     )
     return {"fake": info}
 
 
-def make_executor(workers: int = 1) -> LocalExecutor:
-    executor = LocalExecutor(fake_model(), {}, "fake", workers=workers, torch_threads=1)
+def make_executor(workers: int = 1, oom_above: int = 0) -> LocalExecutor:
+    executor = LocalExecutor(fake_model(oom_above=oom_above), {}, "fake", workers=workers, torch_threads=1)
     executor.start()
     assert executor.wait_ready(timeout_s=60)
     return executor

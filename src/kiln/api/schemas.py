@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kiln.service.image_requests import MAX_SEED
+from kiln.service.image_requests import MAX_LORA_SCALE, MAX_LORAS, MAX_SEED
+
+
+class LoraChoice(BaseModel):
+    """One LoRA adapter the operator registered for the model, and how strongly to apply it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
+    """Multiplies the adapter's weights: 0 is the base model, 1 the adapter as trained."""
 
 
 class _ImageOptions(BaseModel):
@@ -40,6 +51,19 @@ class _ImageOptions(BaseModel):
     partial_images: int | None = Field(None, ge=0, le=3)
     """With `stream`: how many previews to send while the image is drawn (0–3)."""
     safety_identifier: str | None = Field(None, max_length=256)
+    loras: list[LoraChoice] | None = Field(None, max_length=MAX_LORAS)
+    """Kiln's extra: LoRA adapters of the model to apply, e.g. `[{"name": "watercolor", "scale": 0.8}]`
+    (in a multipart edit, the same list as a JSON string). Unknown names are refused (400)."""
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_form(cls, value: Any) -> Any:
+        if isinstance(value, str):  # a multipart field carries the list as JSON
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("loras must be a JSON list of {name, scale}") from None
+        return value
 
 
 class GenerationRequest(_ImageOptions):

@@ -37,7 +37,7 @@ class RunningBatch:
     def to_exec(self) -> ExecBatch:
         """What the executor runs: one GenerationRequest per work item, keyed by its work id."""
         key = self.items[0].key
-        spec = BatchSpec(key.model, key.width, key.height, key.steps, key.guidance_scale, key.task)
+        spec = BatchSpec(key.model, key.width, key.height, key.steps, key.guidance_scale, key.task, key.loras)
         requests = tuple(
             GenerationRequest(
                 request_id=item.work_id,

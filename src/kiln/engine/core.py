@@ -15,6 +15,7 @@ from kiln.engine.admission import AdmissionPolicy, QueueStats, Throughput
 from kiln.engine.batches import RunningBatch, SchedulerOutput
 from kiln.engine.config import EngineConfig
 from kiln.engine.fairqueue import FairQueue
+from kiln.engine.limits import BatchLimits
 from kiln.engine.metrics import EngineMetrics
 from kiln.engine.types import (
     Admitted,
@@ -64,6 +65,8 @@ class EngineCore:
         self.stats = QueueStats()
         self.throughput = Throughput(self.config.throughput_prior_units_per_s, self.config.throughput_alpha)
         self.admission = AdmissionPolicy(self.config, self.throughput)
+        self.limits = BatchLimits()
+        """Per batch key, the most images that fit in one call (learned from out-of-memory splits)."""
         self.running: dict[str, RunningBatch] = {}
         self.plan_caps: dict[str, int] = dict(self.config.plan_max_running_images)
         self._item_of: dict[str, WorkItem] = {}
@@ -263,7 +266,7 @@ class EngineCore:
             head = queue.peek(self._eligible)
         if head is None:
             return None
-        cap = self.config.max_batch_images
+        cap = self.limits.cap(head.key, self.config.max_batch_images)
         top = self._top_weight(now)
         low_cap = self.config.bound_batch_images
 
@@ -417,6 +420,7 @@ class EngineCore:
 
     def _on_completed(self, batch: RunningBatch, output: BatchCompleted) -> None:
         self._end_batch(batch)
+        self.limits.learn(batch.items[0].key, output.fit_images)
         self.throughput.observe(batch.units, batch.images, output.duration_s)
         if self.metrics:
             self.metrics.batch_finished(batch.images, output.duration_s, self._units_by_plan(batch))

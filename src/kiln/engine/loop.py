@@ -222,5 +222,7 @@ def build_local_engine(
     from kiln.executor.local import LocalExecutor
 
     executor = LocalExecutor.from_settings(settings)
+    if metrics is not None:
+        metrics.watch_model_loads(executor.model_loads)
     core = EngineCore(executor, config or EngineConfig.from_settings(settings), metrics=metrics)
     return AsyncEngine(core), executor

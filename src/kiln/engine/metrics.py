@@ -4,7 +4,8 @@ temperature and utilisation through NVML where a GPU is present — absent, not 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -49,9 +50,15 @@ class EngineMetrics:
                                            ["plan"], registry=registry)
         self.admission = AdmissionMetrics(registry) if admission else None
         self._plans_seen: set[str] = set()
+        self.model_loads = ModelLoadCollector()
+        registry.register(self.model_loads)
         self.gpu_collector: NvmlCollector | None = NvmlCollector.create() if gpu else None
         if self.gpu_collector is not None:
             registry.register(self.gpu_collector)
+
+    def watch_model_loads(self, source: Callable[[], Iterable[Any]]) -> None:
+        """Report the executor's `model_loads()` (load seconds and memory per worker and model)."""
+        self.model_loads.source = source
 
     def refused(self, plan: str, reason: str) -> None:
         if self.admission is not None:
@@ -84,6 +91,29 @@ class EngineMetrics:
         self._plans_seen.update(depths)
         for plan in self._plans_seen:
             self.queue_depth.labels(plan).set(depths.get(plan, 0))
+
+
+class ModelLoadCollector(Collector):
+    """Load time and memory per worker and model, read from the executor at scrape time, so a
+    replaced worker's series go with it."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[Any]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["worker", "model", "device"]
+        seconds = GaugeMetricFamily("kiln_model_load_seconds", "Time a worker took to load a model.",
+                                    labels=labels)
+        memory = GaugeMetricFamily(
+            "kiln_worker_memory_bytes",
+            "A worker's memory right after it loaded a model (CUDA allocated on a GPU, resident set on CPU).",
+            labels=labels,
+        )
+        for load in self.source() if self.source is not None else ():
+            seconds.add_metric([load.worker_id, load.model, load.device], load.load_s)
+            memory.add_metric([load.worker_id, load.model, load.device], float(load.memory_bytes))
+        yield seconds
+        yield memory
 
 
 class NvmlCollector(Collector):

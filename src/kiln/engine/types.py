@@ -22,6 +22,8 @@ class BatchKey(NamedTuple):
     height: int
     steps: int
     guidance_scale: float
+    loras: tuple[tuple[str, float], ...] = ()
+    """LoRA adapters (name, scale), sorted by name: a call runs one set of adapters."""
 
     def units_per_image(self) -> float:
         return self.steps * (self.width * self.height) / REFERENCE_PIXELS

@@ -54,6 +54,9 @@ class BatchCompleted(ExecutorOutput):
     """PNG bytes per request id."""
     duration_s: float
     """Wall time of the pipeline call on the worker (what throughput is measured from)."""
+    fit_images: int | None = None
+    """Set when the worker ran out of GPU memory and split the batch: the most images one pipeline
+    call managed. The engine caps later batches of this key there."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,18 @@ class BatchCancelled(ExecutorOutput):
 class WorkerLost(ExecutorOutput):
     worker_id: str
     exitcode: int | None
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """A model a worker loaded: how long it took and the worker's memory right after (allocated
+    CUDA memory on a GPU, the process's resident set on CPU)."""
+
+    worker_id: str
+    model: str
+    device: str
+    load_s: float
+    memory_bytes: int
 
 
 class Executor(Protocol):

@@ -11,19 +11,20 @@ import logging
 import multiprocessing
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from kiln.executor.base import (
-    BatchCancelled,
-    BatchCompleted,
-    BatchFailed,
-    BatchProgress,
-    BatchStarted,
-    ExecBatch,
-    ExecutorOutput,
-    WorkerLost,
+from kiln.executor.base import ExecBatch, ExecutorOutput, ModelLoad, WorkerLost
+from kiln.executor.messages import (
+    BATCH_ENDS,
+    CancelBatch,
+    FromWorker,
+    ModelLoaded,
+    RunBatch,
+    Stop,
+    ToWorker,
+    WorkerReady,
 )
 from kiln.executor.worker_main import worker_main
 from kiln.worker.registry import ModelInfo, ModelRegistry
@@ -43,6 +44,8 @@ class _Worker:
     batch_id: str | None = None
     ready: bool = False
     down: bool = False
+    loads: dict[str, ModelLoad] = field(default_factory=dict)
+    """Models it loaded, by name (what /metrics reports per worker)."""
 
 
 class LocalExecutor:
@@ -102,7 +105,7 @@ class LocalExecutor:
                 worker.process.kill()
                 continue
             try:
-                worker.inbox.send(("stop",))
+                worker.inbox.send(Stop())
             except OSError:
                 pass
         for worker in workers:
@@ -146,15 +149,15 @@ class LocalExecutor:
             if worker is None:
                 raise RuntimeError("no idle worker: check free_slots() before submit()")
             worker.batch_id = batch.batch_id
-        self._send(worker, ("run", batch))  # outside the lock: the reader thread must never wait on a pipe
+        self._send(worker, RunBatch(batch))  # outside the lock: the reader thread must never wait on a pipe
 
     def cancel(self, batch_id: str) -> None:
         with self._lock:
             worker = next((w for w in self._workers if w.batch_id == batch_id), None)
         if worker is not None:
-            self._send(worker, ("cancel", batch_id))
+            self._send(worker, CancelBatch(batch_id))
 
-    def _send(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+    def _send(self, worker: _Worker, message: ToWorker) -> None:
         try:
             worker.inbox.send(message)
         except OSError:
@@ -192,6 +195,11 @@ class LocalExecutor:
     def worker_pids(self) -> list[int]:
         with self._lock:
             return [w.process.pid for w in self._workers]
+
+    def model_loads(self) -> list[ModelLoad]:
+        """What each live worker loaded: load seconds and memory (read by /metrics at scrape time)."""
+        with self._lock:
+            return [load for w in self._workers if not w.down for load in w.loads.values()]
 
     # ---- the reader thread
 
@@ -233,32 +241,25 @@ class LocalExecutor:
         except (EOFError, OSError):
             pass  # dead: the sentinel reports it
 
-    def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "ready":  # only now does it count as a slot: a send to a loading worker could block
+    def _on_message(self, worker: _Worker, message: FromWorker) -> None:
+        if isinstance(message, WorkerReady):  # only now is it a slot: a send to a loading worker could block
             with self._lock:
                 worker.ready = True
+                worker.loads.update({load.model: load for load in message.loads})
                 self._changed.notify_all()
             self._notify_driver()
             return
-        batch_id = message[1]
-        output: ExecutorOutput
-        if kind == "started":
-            output = BatchStarted(batch_id, worker.worker_id)
-        elif kind == "progress":
-            output = BatchProgress(batch_id, message[2], message[3], dict(message[4]))
-        elif kind == "completed":
-            output = BatchCompleted(batch_id, message[2], message[3])
-        elif kind == "failed":
-            output = BatchFailed(batch_id, message[2], message[3])
-        elif kind == "cancelled":
-            output = BatchCancelled(batch_id)
-        else:
+        if isinstance(message, ModelLoaded):
+            with self._lock:
+                worker.loads[message.load.model] = message.load
+            return
+        if not isinstance(message, ExecutorOutput):
+            log.warning("worker %s sent %r; ignored", worker.worker_id, type(message).__name__)
             return
         with self._lock:
-            if kind in ("completed", "failed", "cancelled") and worker.batch_id == batch_id:
+            if isinstance(message, BATCH_ENDS) and worker.batch_id == message.batch_id:
                 worker.batch_id = None  # free before the engine sees the output
-            self._outputs.append(output)
+            self._outputs.append(message)
             self._changed.notify_all()
         self._notify_driver()
 

@@ -88,10 +88,11 @@ def engine_request(
     weight and wait target, and the uploads of an edit."""
     inputs = inputs or {}
     params = job.params
+    loras = tuple((str(name), float(scale)) for name, scale in params.get("loras", ()))  # JSON lists
     return EngineRequest(
         job_id=job_id, user_id=user_id, plan=plan.name,
         key=BatchKey(job.model, params.get("task", "generate"), job.width, job.height, job.steps,
-                     job.guidance_scale),
+                     job.guidance_scale, loras),
         prompt=job.prompt, seed=job.seed, n=job.n,
         init_image=inputs.get("image"), mask_image=inputs.get("mask"),
         strength=float(params.get("strength", 0.75)),

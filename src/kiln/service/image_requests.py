@@ -11,6 +11,7 @@ import io
 import math
 import secrets
 import warnings
+from typing import Any
 
 from PIL import Image
 
@@ -22,6 +23,10 @@ QUALITY_STEP_FRACTION = {"low": 0.25, "medium": 0.5, "high": 1.0, "auto": 1.0, "
 """Share of the model's default steps per quality (`standard`/`hd` are DALL·E's names)."""
 QUALITY_NAME = {"standard": "high", "hd": "high", "auto": "high"}
 MAX_SEED = 2**31 - 1 - 10  # seeds seed … seed+n-1 must fit a 32-bit column
+MAX_LORAS = 8
+"""Most LoRA adapters one request may combine."""
+MAX_LORA_SCALE = 4.0
+"""Largest adapter scale (either sign) a request may ask for; beyond it images break down."""
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 
 
@@ -39,6 +44,29 @@ def resolve_size(size: str | None, info: ModelInfo) -> tuple[int, int]:
         )
     width, height = size.split("x")
     return int(width), int(height)
+
+
+def resolve_loras(choices: list[Any] | None, info: ModelInfo) -> list[list[Any]]:
+    """A request's adapters as sorted [name, scale] pairs (the batch key's order), each one checked
+    against the model's registered adapters; 400 (`loras`) for an unknown name, a repeated one, or a
+    scale out of bounds. Reads the configuration only: no torch, no files."""
+    picked: dict[str, float] = {}
+    for choice in choices or ():
+        name, scale = choice.name, float(choice.scale)
+        if info.lora_path(name) is None:
+            known = ", ".join(n for n, _ in info.loras) or "none"
+            raise InvalidRequest(
+                f"Unknown LoRA adapter '{name}' for model '{info.name}' (registered: {known}).", param="loras"
+            )
+        if name in picked:
+            raise InvalidRequest(f"LoRA adapter '{name}' is named twice.", param="loras")
+        if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+            raise InvalidRequest(
+                f"LoRA scale {scale} for '{name}' is out of bounds (-{MAX_LORA_SCALE}..{MAX_LORA_SCALE}).",
+                param="loras",
+            )
+        picked[name] = scale
+    return [[name, picked[name]] for name in sorted(picked)]
 
 
 def steps_for(quality: str | None, info: ModelInfo) -> int:

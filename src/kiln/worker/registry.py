@@ -14,6 +14,8 @@ from typing import Any
 
 from kiln.config import ModelSpec, Settings
 from kiln.errors import ConfigError, ModelNotFound
+from kiln.worker import placement
+from kiln.worker.placement import Placement
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,12 @@ class ModelInfo:
     dtype: str
     loader: str
     options: tuple[tuple[str, Any], ...] = ()
+    placement: Placement = Placement()
+    loras: tuple[tuple[str, str], ...] = ()
+    """Adapters requests may name: (name, path of diffusers' save_lora_weights output), sorted."""
+
+    def lora_path(self, name: str) -> str | None:
+        return dict(self.loras).get(name)
 
 
 def read_model_info(name: str, spec: ModelSpec) -> ModelInfo:
@@ -53,6 +61,8 @@ def read_model_info(name: str, spec: ModelSpec) -> ModelInfo:
         dtype=spec.dtype,
         loader=spec.loader,
         options=tuple(sorted(spec.options.items())),
+        placement=Placement.from_spec(spec),
+        loras=tuple(sorted((lora, str(lora_path)) for lora, lora_path in spec.loras.items())),
     )
 
 
@@ -61,13 +71,13 @@ def load_diffusers_pipeline(info: ModelInfo) -> Any:
     import torch
     from diffusers import DiffusionPipeline
 
+    device = placement.worker_device()
+    dtype = placement.resolve_dtype(info.dtype, info.path, device)
     pipe = DiffusionPipeline.from_pretrained(
-        info.path, local_files_only=True, torch_dtype=getattr(torch, info.dtype)
+        info.path, local_files_only=True, torch_dtype=getattr(torch, dtype)
     )
     pipe.set_progress_bar_config(disable=True)
-    if torch.cuda.is_available():
-        pipe = pipe.to("cuda")
-    return pipe
+    return placement.place(pipe, info.placement, device)
 
 
 def _import_loader(spec: str) -> Any:

@@ -32,6 +32,8 @@ class BatchSpec:
     guidance_scale: float
     task: str = "generate"
     """generate · edit · inpaint"""
+    loras: tuple[tuple[str, float], ...] = ()
+    """LoRA adapters (name, scale), sorted by name; empty: the base model."""
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,15 @@ from typing import Any
 
 from PIL import Image
 
+from kiln.worker import placement
+from kiln.worker.lora import apply_loras
+from kiln.worker.oom import run_in_chunks
 from kiln.worker.registry import ModelInfo, ModelRegistry
 from kiln.worker.requests import BatchSpec, GenerationRequest, StepProgress
 
 ProgressFn = Callable[[StepProgress], None]
 CancelFn = Callable[[], bool]
+FitFn = Callable[[int], None]
 
 
 class Cancelled(Exception):
@@ -47,59 +51,82 @@ def run_batch(
     on_progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     preview_every: int = 0,
+    max_images: int | None = None,
+    on_fit: FitFn | None = None,
 ) -> dict[str, list[Image.Image]]:
-    """Images per request id, each at the requested size. Raises Cancelled if stopped early."""
+    """Images per request id, each at the requested size. Raises Cancelled if stopped early.
+
+    Out of GPU memory, the images are drawn in halves (down to one at a time); `on_fit` then hears
+    the largest number of images one call managed. `max_images` starts there instead of all at once.
+    """
     import torch
 
     info = registry.info(spec.model)
     pipe = registry.pipeline(spec.model, spec.task)
+    apply_loras(pipe, info, spec.loras)
     gen_w, gen_h = native_dims(info, spec.width, spec.height)
+    device = placement.generator_device(pipe)
     prompts: list[str] = []
     negatives: list[str] = []
-    generators: list[Any] = []
+    seeds: list[int] = []
     owners: list[str] = []
     for request in requests:
         for i in range(request.n):
             prompts.append(request.prompt)
             negatives.append(request.negative_prompt)
-            generators.append(torch.Generator("cpu").manual_seed(request.seed + i))
+            seeds.append(request.seed + i)
             owners.append(request.request_id)
+    edits = _edit_inputs(requests, gen_w, gen_h) if spec.task != "generate" else {}
 
     interrupted = False
+    reported = 0
 
-    def step_end(pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def call_chunk(chunk: Sequence[int], done: int) -> list[Image.Image]:
         nonlocal interrupted
-        if should_cancel is not None and should_cancel():
-            pipeline._interrupt = True  # diffusers' documented way to stop between steps
-            interrupted = True
-        if on_progress is not None:
-            previews: dict[str, bytes] = {}
-            if preview_every and (step + 1) % preview_every == 0 and "latents" in kwargs:
-                previews = _previews(pipeline, kwargs["latents"], owners)
-            on_progress(StepProgress(step=step + 1, total=spec.steps, previews=previews))
-        return {}
+        chunk_owners = [owners[i] for i in chunk]
 
-    call: dict[str, Any] = dict(
-        prompt=prompts,
-        negative_prompt=negatives if any(negatives) else None,
-        num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        generator=generators,
-        callback_on_step_end=step_end,
-        output_type="pil",
-    )
-    if spec.task == "generate":
-        call.update(height=gen_h, width=gen_w)
-    else:
-        call.update(_edit_inputs(requests, gen_w, gen_h))
-        if spec.task == "inpaint":
+        def step_end(pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal interrupted, reported
+            if should_cancel is not None and should_cancel():
+                pipeline._interrupt = True  # diffusers' documented way to stop between steps
+                interrupted = True
+            if on_progress is not None:
+                previews: dict[str, bytes] = {}
+                if preview_every and (step + 1) % preview_every == 0 and "latents" in kwargs:
+                    previews = _previews(pipeline, kwargs["latents"], chunk_owners)
+                # steps of the whole batch: a split batch's later halves carry on from the earlier ones
+                reported = max(reported, (done * spec.steps + (step + 1) * len(chunk)) // len(owners))
+                on_progress(StepProgress(step=reported, total=spec.steps, previews=previews))
+            return {}
+
+        call: dict[str, Any] = dict(
+            prompt=[prompts[i] for i in chunk],
+            negative_prompt=[negatives[i] for i in chunk] if any(negatives) else None,
+            num_inference_steps=spec.steps,
+            guidance_scale=spec.guidance_scale,
+            generator=[torch.Generator(device).manual_seed(seeds[i]) for i in chunk],  # a retry starts afresh
+            callback_on_step_end=step_end,
+            output_type="pil",
+        )
+        if spec.task == "generate":
             call.update(height=gen_h, width=gen_w)
-    with torch.inference_mode():
-        result = pipe(**call)
-    if interrupted:
-        raise Cancelled()
+        else:
+            call.update({name: [value[i] for i in chunk] if isinstance(value, list) else value
+                         for name, value in edits.items()})
+            if spec.task == "inpaint":
+                call.update(height=gen_h, width=gen_w)
+        placement.configure_vae(pipe, info.placement, gen_w, gen_h, len(chunk))
+        with torch.inference_mode():
+            result = pipe(**call)
+        if interrupted:
+            raise Cancelled()
+        return list(result.images)
+
+    split = run_in_chunks(range(len(owners)), call_chunk, start=max_images)
+    if split.fit is not None and on_fit is not None:
+        on_fit(split.fit)
     images: dict[str, list[Image.Image]] = {r.request_id: [] for r in requests}
-    for owner, image in zip(owners, result.images, strict=True):
+    for owner, image in zip(owners, split.results, strict=True):
         if image.size != (spec.width, spec.height):
             image = image.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
         images[owner].append(image)

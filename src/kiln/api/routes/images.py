@@ -52,6 +52,9 @@ def _spec(state: AppState, body: GenerationRequest | EditRequest, kind: str, tas
     }
     if getattr(body, "strength", None) is not None:
         params["strength"] = body.strength
+    loras = ir.resolve_loras(body.loras, info)
+    if loras:
+        params["loras"] = loras
     return jobs.JobSpec(
         kind=kind, model=info.name, prompt=body.prompt, n=body.n or 1, width=width, height=height,
         steps=ir.steps_for(body.quality, info), guidance_scale=info.guidance_scale,
