@@ -22,6 +22,8 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
+from engine_server import free_port
+
 from kiln.config import ModelSpec, Settings, load_settings
 from kiln.service.clock import FakeClock
 
@@ -165,11 +167,6 @@ class Server:
         assert not self.thread.is_alive(), "the server did not stop"
         if self.scheduler is not None:
             self.scheduler.stop_thread()
-
-
-def free_port() -> int:
-    with free_port_socket() as sock:
-        return sock.getsockname()[1]
 
 
 def with_scheduler_ports(settings: Settings) -> Settings:

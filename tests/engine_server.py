@@ -4,6 +4,7 @@ back, crashing), and a reader of a job's server-sent events."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,12 @@ import httpx
 from kiln.config import ModelSpec, Settings
 
 FAKE_LOADER = "kiln.testing:load_fake_pipeline"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def engine_settings(

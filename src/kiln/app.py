@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from kiln.api.app import create_api_app
+from kiln.api.app import create_api_app, gate_refusals
 from kiln.config import Settings
 from kiln.service.clock import Clock
 from kiln.web import install_web
@@ -13,4 +13,5 @@ from kiln.web import install_web
 def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> FastAPI:
     app = create_api_app(settings, clock=clock)
     install_web(app, app.state.kiln)
+    gate_refusals(app)
     return app

@@ -24,7 +24,7 @@ class _Output:
 class _FakeVae:
     """Decodes the fake's latents as they are: they already hold the picture, in [-1, 1]."""
 
-    class config:  # noqa: N801 - diffusers' attribute name
+    class config:
         scaling_factor = 1.0
 
     def decode(self, latents: Any) -> Any:

@@ -17,7 +17,7 @@ sqlite_only = pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect
 FAKE_LOADER = "kiln.testing:load_fake_pipeline"
 
 
-def oom_settings(settings, tmp_path, **spec):  # noqa: ANN001, ANN201
+def oom_settings(settings, tmp_path, **spec):
     model = ModelSpec(path=tmp_path / "model", loader=FAKE_LOADER, native_size=64, steps=4,
                       options={"oom_above": 2}, **spec)
     return settings.model_copy(update={"models": {"fake": model}, "max_batch_wait_s": 0.3})
@@ -28,13 +28,13 @@ def test_a_batch_that_runs_out_of_memory_completes_and_caps_the_next(start_serve
                                                                       make_user) -> None:
     server = start_server(oom_settings(settings, tmp_path))
     started: list[Started] = []
-    server.state.runner.engine.add_listener(lambda e: started.append(e) if isinstance(e, Started) else None)
+    server.scheduler.engine.add_listener(lambda e: started.append(e) if isinstance(e, Started) else None)
     ann = make_user(plan="enterprise")
     with server.client(ann.key) as http:
         response = http.post("/v1/images/generations", json={"prompt": "eight owls", "n": 8, "seed": 1})
         assert response.status_code == 200, response.text
         assert len(response.json()["data"]) == 8
-        [(key, fit)] = server.state.runner.engine.core.limits.learned().items()
+        [(key, fit)] = server.scheduler.engine.core.limits.learned().items()
         assert (key.model, key.width, fit) == ("fake", 64, 2)
 
         started.clear()

@@ -30,7 +30,7 @@ def tiny_with_lora(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     return model, save_tiny_lora(model, root / "style")
 
 
-def lora_settings(settings, tiny_with_lora, **overrides):  # noqa: ANN001, ANN201
+def lora_settings(settings, tiny_with_lora, **overrides):
     model, lora = tiny_with_lora
     loras = {"style": lora, "file": lora / "pytorch_lora_weights.safetensors"}
     spec = ModelSpec(path=model, native_size=64, steps=2, loras=loras)
@@ -81,7 +81,7 @@ def test_callers_with_different_adapter_sets_are_not_batched_together(start_serv
                                                                       make_user) -> None:
     server = start_server(lora_settings(settings, tiny_with_lora, max_batch_wait_s=1.0))
     batch_of: dict[str, str] = {}
-    server.state.runner.engine.add_listener(
+    server.scheduler.engine.add_listener(
         lambda e: batch_of.__setitem__(e.job_id, e.batch_id) if isinstance(e, Started) else None)
     ann, bob, cid = (make_user(plan="plus") for _ in range(3))
     style = [{"name": "style", "scale": 0.8}]

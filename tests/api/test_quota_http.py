@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-
 from engine_server import engine_settings, release
 
 from kiln.service.plans import update_plan

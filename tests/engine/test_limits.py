@@ -10,7 +10,7 @@ from kiln.engine.limits import BatchLimits
 from .conftest import KEY, job_ids, req, run_all
 
 
-def images(batch) -> int:  # noqa: ANN001
+def images(batch) -> int:
     return sum(r.n for r in batch.requests)
 
 

@@ -13,9 +13,9 @@ from kiln.db.models import utcnow
 from kiln.engine import EngineMetrics, build_local_engine
 from kiln.service import job_leases, jobs
 from kiln.service.accounts import get_user
-from kiln.service.scheduler import Scheduler
 from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import get_plan, update_plan
+from kiln.service.scheduler import Scheduler
 from kiln.service.storage import ImageStore
 
 

@@ -37,7 +37,7 @@ class LoraRecorder:
         self.calls.append(("set", tuple(names), tuple(weights)))
 
 
-def info(tmp_path: Path):  # noqa: ANN201
+def info(tmp_path: Path):
     (tmp_path / "style").mkdir()
     (tmp_path / "ink.safetensors").touch()
     spec = ModelSpec(path=tmp_path, loader="kiln.testing:load_fake_pipeline",

@@ -17,7 +17,7 @@ from kiln.worker.requests import BatchSpec, GenerationRequest, StepProgress
 from kiln.worker.runner import Cancelled, run_batch
 
 
-def oom_above(limit: int, error: type[Exception] | None = None):  # noqa: ANN201
+def oom_above(limit: int, error: type[Exception] | None = None):
     import torch
 
     sizes: list[int] = []

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from kiln import __version__
 from kiln.api.body_limit import BodySizeLimit
 from kiln.api.errors import install_error_handlers
+from kiln.api.refusal_gate import RefusalGate
 from kiln.api.routes import health, images, jobs, keys, metrics, models, usage
 from kiln.api.state import AppState
 from kiln.config import Settings, load_settings
@@ -46,3 +47,8 @@ def create_api_app(
     app.include_router(keys.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     return app
+
+
+def gate_refusals(app: FastAPI) -> None:
+    """Put the refusal gate outside every other layer (call it last: middleware added later wraps)."""
+    app.add_middleware(RefusalGate, state=app.state.kiln)

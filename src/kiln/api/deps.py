@@ -14,8 +14,8 @@ from kiln.service.accounts import Account
 _bearer = HTTPBearer(auto_error=False, description="A Kiln API key, `kiln-…`.")
 
 
-def app_state(request: Request) -> AppState:
-    return request.app.state.kiln
+async def app_state(request: Request) -> AppState:
+    return request.app.state.kiln  # async: a sync dependency would cost a thread hop per request
 
 
 async def current_account(

@@ -58,11 +58,7 @@ async def admit_job(
             earlier = await asyncio.to_thread(jobs.find_idempotent, state.db, account.user_id, idempotency_key)
             if earlier is not None:
                 return await _write(state, account, plan, spec, idempotency_key, digest, uploads, None, now)
-        refusal = state.refusals.refusal(account.user_id, plan, spec.n, now)
-        if refusal is None and state.refusals.needs_recheck(account.user_id, plan):
-            active = await asyncio.to_thread(jobs.active_job_ids, state.db, account.user_id)
-            state.refusals.confirm_active(account.user_id, active)
-            refusal = state.refusals.refusal(account.user_id, plan, spec.n, now)
+        refusal = await _refusal_from_memory(state, account, plan, spec.n, now)
         if refusal is not None:
             raise refusal
         decision: Decision | None = None
@@ -92,6 +88,20 @@ async def admit_job(
         if getattr(exc, "headers", None) is None:
             exc.headers = (await usage_headers(state, account))[1]  # type: ignore[attr-defined]
         raise
+
+
+async def _refusal_from_memory(
+    state: Any, account: Account, plan: Any, n: int, now: dt.datetime
+) -> RetryLater | None:
+    """What memory refuses; an entry that would refuse but is older than its recheck interval is read
+    again first (one read per user per interval, however many requests arrive)."""
+    refusals, user_id = state.refusals, account.user_id
+    if refusals.stale_usage(user_id, plan, n, now):
+        usage = await asyncio.to_thread(jobs.usage_of, state.db, user_id, plan, now)
+        refusals.confirm_usage(user_id, quota.quota_day(now), usage.used)
+    if refusals.needs_recheck(user_id, plan):
+        refusals.confirm_active(user_id, await asyncio.to_thread(jobs.active_job_ids, state.db, user_id))
+    return refusals.refusal(user_id, plan, n, now)
 
 
 async def _write(

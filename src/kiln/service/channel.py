@@ -111,7 +111,7 @@ class SchedulerServer:
                     self.handler.release(message.hold_id)
                 elif isinstance(message, Cancel):
                     self.handler.cancel(message.job_id)
-            except Exception:  # noqa: BLE001 - one bad request must not end the channel
+            except Exception:
                 log.exception("handling %s failed", type(message).__name__)
 
     def _submit_done(self, task: asyncio.Task[None]) -> None:
@@ -123,7 +123,7 @@ class SchedulerServer:
         while True:
             try:
                 self.publish(self._status())
-            except Exception:  # noqa: BLE001 - the heartbeat must go on
+            except Exception:
                 log.exception("building the scheduler status failed")
             await asyncio.sleep(self._status_every_s)
 
@@ -209,5 +209,5 @@ class SchedulerLink:
                     self._on_update(message)
                 elif isinstance(message, Status):
                     self._on_status(message)
-            except Exception:  # noqa: BLE001 - a bad message must not end the subscription
+            except Exception:
                 log.exception("handling a scheduler update failed")

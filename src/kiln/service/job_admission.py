@@ -200,7 +200,7 @@ class AdmissionWriter:
                         results.append(admit_in(conn, item))
                     except KilnError as refusal:  # raised before that request wrote anything
                         results.append(refusal)
-        except Exception:  # noqa: BLE001 - one bad request must not fail its neighbours
+        except Exception:
             log.exception("a group of %d admissions failed; writing them one by one", len(group))
             results = []
             for item, _future in group:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.service.runner import JobEvent
+from kiln.service.job_events import JobEvent
 
 
 @dataclass(eq=False)

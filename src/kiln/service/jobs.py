@@ -112,6 +112,11 @@ class Admission:
     position: int | None = None
 
 
+def loras_of(params: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    """A job's LoRA adapters as the batch key holds them (stored as JSON lists of [name, scale])."""
+    return tuple((str(name), float(scale)) for name, scale in params.get("loras", ()))
+
+
 def request_hash(payload: dict[str, Any], files: dict[str, bytes] | None = None) -> str:
     """A stable hash of a request body (and uploaded files) for Idempotency-Key comparisons."""
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())

@@ -1,9 +1,10 @@
-"""API keys looked up in memory: a key's account is read once, then answered from here; a revocation
-made by any process is learned within `refresh_s` (a poll of the keys revoked since the last one),
-and the account behind a key (its plan) is read again in the background every `ttl_s`.
+"""API keys answered from memory: every live key's account is loaded at start, keys created since are
+picked up the first time they are used (one shared read catches up on all new keys, at most every
+`catch_up_s`), a revocation made by any process is learned within `refresh_s`, and the account behind
+a key (its plan) is read again in the background every `ttl_s`.
 
-Unknown keys are remembered as unknown for `ttl_s` (bounded), so a flood of one bad key costs no
-read; a flood of random keys costs one indexed read each, off the event loop.
+So a flood of bad keys, random ones included, costs at most one small read per `catch_up_s`, and a
+flood of one good key none at all. Memory: one entry per live key (about 300 bytes).
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.db.models import ApiKey, User, utcnow
@@ -25,31 +25,33 @@ from kiln.service.accounts import KEY_PREFIX, Account, hash_key
 
 log = logging.getLogger(__name__)
 
-MAX_UNKNOWN = 100_000
+OVERLAP = dt.timedelta(seconds=2)
+"""Windows of "since the last look" overlap by this much: a row committed late with an earlier
+timestamp is still seen (seeing one twice is harmless)."""
 
 
 @dataclass
 class _Entry:
     account: Account | None
-    """None: no such key, or revoked."""
+    """None: revoked."""
     loaded_at: float
     prefix: str = ""
 
 
-def _lookup(db: sessionmaker[Session], key_hash: str) -> tuple[Account | None, str]:
-    with db() as session:
-        row = session.execute(
-            select(User.id, User.name, User.plan_name, User.is_admin, ApiKey.revoked_at, ApiKey.prefix)
-            .join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash == key_hash)
-        ).first()
-    if row is None or row.revoked_at is not None:
-        return None, ""
-    return Account(user_id=row.id, name=row.name, plan_name=row.plan_name, is_admin=row.is_admin), row.prefix
+def _keys() -> Select:
+    return (select(ApiKey.key_hash, ApiKey.prefix, ApiKey.revoked_at, User.id, User.name, User.plan_name,
+                   User.is_admin).join(User, User.id == ApiKey.user_id))
 
 
-def _revoked_since(db: sessionmaker[Session], since: dt.datetime) -> list[str]:
+def _account(row) -> Account | None:  # type: ignore[no-untyped-def]
+    if row.revoked_at is not None:
+        return None
+    return Account(user_id=row.id, name=row.name, plan_name=row.plan_name, is_admin=row.is_admin)
+
+
+def _read(db: sessionmaker[Session], query: Select) -> list:  # type: ignore[type-arg]
     with db() as session:
-        return list(session.scalars(select(ApiKey.key_hash).where(ApiKey.revoked_at >= since)))
+        return list(session.execute(query))
 
 
 class KeyCache:
@@ -59,21 +61,31 @@ class KeyCache:
         *,
         refresh_s: float = 0.5,
         ttl_s: float = 10.0,
+        catch_up_s: float = 0.05,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
         self.refresh_s = refresh_s
         self.ttl_s = ttl_s
+        self.catch_up_s = catch_up_s
         self._monotonic = monotonic
         self._known: dict[str, _Entry] = {}
-        self._unknown: OrderedDict[str, float] = OrderedDict()
         self._refreshing: set[str] = set()
         self._task: asyncio.Task[None] | None = None
-        self._since = utcnow()
+        self._revoked_since = utcnow()
+        self._created_since = utcnow()
+        self._caught_up_at = float("-inf")
+        self._catching: asyncio.Future[None] | None = None
         self.reads = 0
 
     async def start(self) -> None:
-        self._since = utcnow() - dt.timedelta(seconds=5)
+        started = utcnow() - OVERLAP
+        rows = await asyncio.to_thread(_read, self.db, _keys().where(ApiKey.revoked_at.is_(None)))
+        now = self._monotonic()
+        for row in rows:
+            self._known[row.key_hash] = _Entry(_account(row), now, row.prefix)
+        self._revoked_since = self._created_since = started
+        self._caught_up_at = now
         self._task = asyncio.create_task(self._watch_revocations(), name="kiln-key-revocations")
 
     async def stop(self) -> None:
@@ -86,19 +98,13 @@ class KeyCache:
         if not key.startswith(KEY_PREFIX):
             raise AuthenticationFailed("Incorrect API key provided. Kiln keys start with 'kiln-'.")
         key_hash = hash_key(key)
-        now = self._monotonic()
         entry = self._known.get(key_hash)
-        if entry is None:
-            seen = self._unknown.get(key_hash)
-            if seen is not None and now - seen < self.ttl_s:
+        if entry is None:  # perhaps a key made since the last look: catch up on all new ones
+            await self._catch_up()
+            entry = self._known.get(key_hash)
+            if entry is None:
                 raise _refused()
-            self.reads += 1
-            account, prefix = await asyncio.to_thread(_lookup, self.db, key_hash)
-            self._remember(key_hash, account, now, prefix)
-            if account is None:
-                raise _refused()
-            return account
-        if now - entry.loaded_at > self.ttl_s and key_hash not in self._refreshing:
+        elif self._monotonic() - entry.loaded_at > self.ttl_s and key_hash not in self._refreshing:
             self._refreshing.add(key_hash)  # answer from memory; learn plan changes in the background
             asyncio.get_running_loop().create_task(self._refresh(key_hash))
         if entry.account is None:
@@ -107,29 +113,49 @@ class KeyCache:
 
     def forget(self, key_hash: str) -> None:
         """A revoked key: refused from now on."""
-        self._known[key_hash] = _Entry(None, self._monotonic())
+        entry = self._known.get(key_hash)
+        self._known[key_hash] = _Entry(None, self._monotonic(), entry.prefix if entry else "")
 
     def forget_prefix(self, prefix: str) -> None:
         """A key revoked through this process (known by its prefix): refused at once."""
         for key_hash in [h for h, e in self._known.items() if e.prefix == prefix]:
             self.forget(key_hash)
 
-    def _remember(self, key_hash: str, account: Account | None, now: float, prefix: str = "") -> None:
-        if account is None:
-            self._known.pop(key_hash, None)
-            self._unknown[key_hash] = now
-            self._unknown.move_to_end(key_hash)
-            while len(self._unknown) > MAX_UNKNOWN:
-                self._unknown.popitem(last=False)
-        else:
-            self._unknown.pop(key_hash, None)
-            self._known[key_hash] = _Entry(account, now, prefix)
+    async def _catch_up(self) -> None:
+        """One read of the keys created since the last look, shared by every request that waits on
+        it, and at most one per `catch_up_s` however many unknown keys arrive."""
+        if self._catching is not None:
+            await asyncio.shield(self._catching)
+            return
+        if self._monotonic() - self._caught_up_at < self.catch_up_s:
+            return
+        self._catching = asyncio.ensure_future(self._read_new_keys())
+        try:
+            await asyncio.shield(self._catching)
+        finally:
+            self._catching = None
+
+    async def _read_new_keys(self) -> None:
+        since, started = self._created_since, utcnow() - OVERLAP
+        self.reads += 1
+        try:
+            rows = await asyncio.to_thread(_read, self.db, _keys().where(ApiKey.created_at >= since))
+        finally:
+            self._caught_up_at = self._monotonic()
+        now = self._monotonic()
+        for row in rows:
+            if row.key_hash not in self._known:
+                self._known[row.key_hash] = _Entry(_account(row), now, row.prefix)
+        self._created_since = started
 
     async def _refresh(self, key_hash: str) -> None:
         try:
             self.reads += 1
-            account, prefix = await asyncio.to_thread(_lookup, self.db, key_hash)
-            self._remember(key_hash, account, self._monotonic(), prefix)
+            rows = await asyncio.to_thread(_read, self.db, _keys().where(ApiKey.key_hash == key_hash))
+            if rows:
+                self._known[key_hash] = _Entry(_account(rows[0]), self._monotonic(), rows[0].prefix)
+            else:
+                self._known.pop(key_hash, None)
         except Exception:  # noqa: BLE001 - keep the cached answer; try again next time
             log.exception("re-reading an API key failed")
         finally:
@@ -139,13 +165,13 @@ class KeyCache:
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
-                # Overlap the windows by a second: a revocation committed late with an earlier
-                # timestamp is still seen (forgetting twice is harmless).
-                started = utcnow() - dt.timedelta(seconds=1)
-                for key_hash in await asyncio.to_thread(_revoked_since, self.db, self._since):
+                started = utcnow() - OVERLAP
+                revoked = await asyncio.to_thread(
+                    _read, self.db, select(ApiKey.key_hash).where(ApiKey.revoked_at >= self._revoked_since))
+                for (key_hash,) in revoked:
                     if key_hash in self._known:
                         self.forget(key_hash)
-                self._since = started
+                self._revoked_since = started
             except Exception:  # noqa: BLE001 - a database hiccup must not end the watch
                 log.exception("reading key revocations failed")
 

@@ -41,6 +41,12 @@ class PlanCache:
             raise ConfigError(f"plan {name!r} does not exist")
         return plan
 
+    def peek(self, name: str) -> PlanLimits | None:
+        """The plan from memory while fresh; None when it must be read."""
+        if self._loaded_at is None or self._monotonic() - self._loaded_at >= self._ttl_s:
+            return None
+        return self._plans.get(name)
+
     async def get_async(self, name: str) -> PlanLimits:
         """`get` without blocking the event loop: from memory while fresh, else read in a thread."""
         now = self._monotonic()

@@ -68,6 +68,14 @@ class Refusals:
         entry = self._active.get(user_id)
         return 0 if entry is None else len(entry.jobs)
 
+    def stale_usage(self, user_id: str, plan: PlanLimits, n: int, now: dt.datetime) -> bool:
+        """Memory would refuse on the quota, but has not confirmed the usage lately."""
+        entry = self._usage.get(user_id)
+        if entry is None or plan.images_per_day is None or plan.relax_mode:
+            return False
+        used = entry.used if entry.day == quota.quota_day(now) else 0
+        return used + n > plan.images_per_day and self._monotonic() - entry.confirmed_at > self.recheck_s
+
     def needs_recheck(self, user_id: str, plan: PlanLimits) -> bool:
         """Memory would refuse on the concurrency cap, but has not confirmed it lately."""
         entry = self._active.get(user_id)

@@ -37,9 +37,9 @@ from kiln.engine import (
 )
 from kiln.errors import Overloaded
 from kiln.service import job_leases, jobs
+from kiln.service.job_events import terminal_event
 from kiln.service.messages import Admit, AdmitReply, JobUpdate, Ticket
 from kiln.service.plan_cache import PlanCache
-from kiln.service.runner import terminal_event
 from kiln.service.storage import ImageStore
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class Scheduler:
         request = EngineRequest(
             job_id=message.hold_id, user_id=message.user_id, plan=message.plan,
             key=BatchKey(message.model, message.task, message.width, message.height, message.steps,
-                         message.guidance_scale),
+                         message.guidance_scale, tuple(message.loras)),
             prompt="", seed=0, n=message.n, weight=message.weight, wait_target_s=message.wait_target_s,
             relax=message.relax,
         )
@@ -177,7 +177,7 @@ class Scheduler:
             request = EngineRequest(
                 job_id=ticket.job_id, user_id=ticket.user_id, plan=plan.name,
                 key=BatchKey(ticket.model, ticket.task, ticket.width, ticket.height, ticket.steps,
-                             ticket.guidance_scale),
+                             ticket.guidance_scale, jobs.loras_of(ticket.params)),
                 prompt=ticket.prompt, seed=ticket.seed, n=ticket.n,
                 init_image=inputs.get("image"), mask_image=inputs.get("mask"),
                 strength=float(ticket.params.get("strength", 0.75)),
@@ -208,7 +208,7 @@ class Scheduler:
                 for job_id in await asyncio.to_thread(jobs.finished_among, self.db, list(self._tickets)):
                     self.engine.cancel(job_id)  # cancelled through an API process while we missed it
                 await self._adopt()
-            except Exception:  # noqa: BLE001 - a database hiccup must not end the renewals
+            except Exception:
                 log.exception("renewing job leases failed")
 
     # ---- out of the engine: one task per job with events to handle, so a job's events stay in
@@ -226,7 +226,7 @@ class Scheduler:
                 event = queue.popleft()
                 try:
                     await self._apply(event)
-                except Exception:  # noqa: BLE001 - one job's trouble must not stop the others
+                except Exception:
                     log.exception("job %s: handling %s failed", job_id, type(event).__name__)
         finally:
             del self._handlers[job_id]

@@ -21,11 +21,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from kiln.errors import Overloaded
 from kiln.service import jobs
 from kiln.service.channel import SchedulerLink
+from kiln.service.job_events import JobEvent, JobOutcome, outcome_of, terminal_event
 from kiln.service.job_log import JobLogs
 from kiln.service.messages import Admit, Cancel, JobUpdate, Release, Status, Submit, Ticket
 from kiln.service.plans import PlanLimits
 from kiln.service.refusals import Refusals
-from kiln.service.runner import JobEvent, JobOutcome, outcome_of, terminal_event
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class SchedulerClient:
             req_id=self.link.next_request_id(), hold_id=hold_id, user_id=user_id, plan=plan.name,
             weight=plan.priority_weight, wait_target_s=plan.wait_target_s, model=spec.model,
             task=spec.params.get("task", "generate"), width=spec.width, height=spec.height, steps=spec.steps,
-            guidance_scale=spec.guidance_scale, n=spec.n, relax=relax,
+            guidance_scale=spec.guidance_scale, n=spec.n, relax=relax, loras=jobs.loras_of(spec.params),
         ), self.timeout_s)
         if reply is None:
             raise SchedulerAway()

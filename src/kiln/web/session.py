@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import Receive, Scope, Send
 
 from kiln.config import Settings
 from kiln.errors import KilnError
@@ -52,9 +53,21 @@ def session_secret(settings: Settings) -> str:
     return secret
 
 
+class BrowserSessions(SessionMiddleware):
+    """Starlette's signed-cookie sessions, skipped for requests that carry an API key (apps, not
+    browsers): the flood of API calls never pays for cookie parsing and signing."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and any(name == b"authorization" for name, _ in scope["headers"]):
+            scope["session"] = {}
+            await self.app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def install_sessions(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(
-        SessionMiddleware,
+        BrowserSessions,
         secret_key=session_secret(settings),
         session_cookie=SESSION_COOKIE,
         max_age=settings.session_max_age_s,

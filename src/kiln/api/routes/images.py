@@ -27,8 +27,8 @@ from kiln.errors import GenerationFailed, InvalidRequest, KilnError, Overloaded
 from kiln.service import content_credentials, jobs, provenance
 from kiln.service import image_requests as ir
 from kiln.service.accounts import Account
-from kiln.service.runner import JobOutcome
 from kiln.service.admission import admit_job, usage_headers
+from kiln.service.job_events import JobOutcome
 
 router = APIRouter(prefix="/v1", tags=["images"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
