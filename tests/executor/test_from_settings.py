@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 
-from PIL import Image
 
 from kiln.config import ModelSpec, load_settings
 from kiln.engine import BatchKey, Completed, EngineMetrics, EngineRequest, build_local_engine
@@ -33,7 +31,7 @@ async def test_build_local_engine_from_settings(tmp_path):
         engine.add_request(EngineRequest("j1", "u", "free", key, "a kiln", seed=5, n=2))
         done = await engine.wait("j1", timeout_s=60)
         assert isinstance(done, Completed) and len(done.images) == 2
-        second = Image.open(io.BytesIO(done.images[1]))
+        second = done.images[1].image()
         assert second.size == (48, 40) and second.getpixel((0, 0)) == prompt_colour("a kiln", 6)
         assert registry.get_sample_value("kiln_images_generated_total") == 2
     finally:

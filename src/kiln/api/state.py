@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from kiln.config import Settings
 from kiln.db.engine import make_engine, make_session_factory
 from kiln.engine import AdmissionMetrics
+from kiln.looplag import LoopLagProbe
 from kiln.service import content_credentials
 from kiln.service.clock import Clock, SystemClock
 from kiln.service.job_admission import AdmissionWriter
@@ -29,6 +30,8 @@ from kiln.service.refusals import Refusals
 from kiln.service.scheduler_client import SchedulerClient
 from kiln.service.storage import ImageStore
 from kiln.worker.registry import ModelRegistry
+
+LOOP_LAG_INTERVAL_S = 0.02
 
 BrowserAccount = Callable[[Any], Awaitable[Any]]
 """The web UI's signed-in account for a request without an API key (installed by the web UI)."""
@@ -54,6 +57,8 @@ class AppState:
     """This process's Prometheus series (`GET /metrics` adds the scheduler's); never the global one."""
     metrics: AdmissionMetrics = field(default=None)  # type: ignore[assignment]
     browser_account: BrowserAccount | None = None
+    loop_lag: LoopLagProbe = field(default=None)  # type: ignore[assignment]
+    """How late this process's event loop wakes (`kiln_event_loop_lag_seconds` in /metrics)."""
 
     @classmethod
     def build(cls, settings: Settings, *, clock: Clock | None = None) -> AppState:
@@ -81,6 +86,7 @@ class AppState:
                                    timeout_s=settings.scheduler_timeout_s),
         )
         state.metrics = AdmissionMetrics(state.metrics_registry)
+        state.loop_lag = LoopLagProbe(state.metrics_registry, interval_s=LOOP_LAG_INTERVAL_S)
         return state
 
     async def start(self) -> None:
@@ -88,10 +94,12 @@ class AppState:
         self.admissions.start()
         await self.keys.start()
         await self.runner.start()
+        self.loop_lag.start()
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        await self.loop_lag.stop()
         await self.runner.stop()
         await self.keys.stop()
         await asyncio.to_thread(self.admissions.stop)

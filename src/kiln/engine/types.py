@@ -139,8 +139,8 @@ class Requeued(EngineEvent):
 
 @dataclass(frozen=True)
 class Completed(EngineEvent):
-    images: tuple[bytes, ...] = field(default=())
-    """PNG bytes, one per image, in seed order."""
+    images: tuple[object, ...] = field(default=())
+    """The images in seed order, as the executor produced them (raw pixels from real workers)."""
     shared_with: int = 0
     """How many other jobs received these same images (identical seeded requests, computed once)."""
 

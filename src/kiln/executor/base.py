@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from kiln.worker.requests import BatchSpec, GenerationRequest
 
@@ -50,7 +50,8 @@ class BatchProgress(ExecutorOutput):
 
 @dataclass(frozen=True)
 class BatchCompleted(ExecutorOutput):
-    images: dict[str, tuple[bytes, ...]]
+    images: dict[str, tuple[Any, ...]]
+    """Per request id, its images as `kiln.worker.requests.Pixels` (raw, encoded once when stored)."""
     """PNG bytes per request id."""
     duration_s: float
     """Wall time of the pipeline call on the worker (what throughput is measured from)."""

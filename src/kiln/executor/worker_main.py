@@ -85,7 +85,8 @@ class _Worker:
 
     def run(self, batch: ExecBatch) -> None:
         from kiln.worker.requests import StepProgress
-        from kiln.worker.runner import Cancelled, png_bytes, run_batch
+        from kiln.worker.requests import Pixels
+        from kiln.worker.runner import Cancelled, run_batch
 
         batch_id = batch.batch_id
         cancelled = False
@@ -132,8 +133,8 @@ class _Worker:
             _release_memory()
             return
         duration_s = time.perf_counter() - started
-        pngs = {rid: tuple(png_bytes(image) for image in imgs) for rid, imgs in images.items()}
-        self.outbox.send(BatchCompleted(batch_id, pngs, duration_s, fit))
+        pixels = {rid: tuple(Pixels.of(image) for image in imgs) for rid, imgs in images.items()}
+        self.outbox.send(BatchCompleted(batch_id, pixels, duration_s, fit))
 
 
 def _failure_code(exc: BaseException) -> str:

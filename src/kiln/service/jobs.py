@@ -257,6 +257,24 @@ def mark_running(db: sessionmaker[Session], job_id: str, attempt: int | None = N
         ).rowcount == 1
 
 
+def mark_running_many(db: sessionmaker[Session], attempts: dict[str, int]) -> set[str]:
+    """`mark_running` for the jobs of a batch starting together, in one transaction; returns the ids
+    that were still queued (and now run)."""
+    by_attempt: dict[int, list[str]] = {}
+    for job_id, attempt in attempts.items():
+        by_attempt.setdefault(attempt, []).append(job_id)
+    claimed: set[str] = set()
+    with write_transaction(db) as session:
+        for attempt, job_ids in by_attempt.items():
+            claimed.update(session.scalars(
+                update(Job)
+                .where(Job.id.in_(job_ids), Job.status == "queued")
+                .values(status="running", started_at=utcnow(), attempts=attempt)
+                .returning(Job.id)
+            ))
+    return claimed
+
+
 def requeue_job(db: sessionmaker[Session], job_id: str) -> bool:
     """A running job goes back to the queue (its worker died, it was preempted); its charge stays."""
     with write_transaction(db) as session:
@@ -285,7 +303,7 @@ class JobFacts(Protocol):
 
 def store_images(
     db: sessionmaker[Session], store: ImageStore, job_id: str, job: JobFacts,
-    images: list[PILImage.Image | bytes],
+    images: list[Any],
 ) -> JobView:
     """Encode each image once (provenance embedded, C2PA-signed), store it, then in one transaction
     the job succeeds, its image rows are written and its charge made final. A call for a job that
@@ -294,7 +312,7 @@ def store_images(
     compression = job.params.get("output_compression")
     rows: list[dict[str, Any]] = []
     for index, item in enumerate(images):
-        picture = PILImage.open(io.BytesIO(item)) if isinstance(item, bytes) else item
+        picture = _picture(item)
         image_id = new_id("img")
         record = provenance.record(
             model=job.model, seed=job.seed + index, job_id=job_id, image_id=image_id, prompt=job.prompt
@@ -324,6 +342,14 @@ def store_images(
     for row in rows:  # lost the race to a cancel or another completion: keep no orphan files
         store.path(row["path"]).unlink(missing_ok=True)
     return get_job(db, job_id)
+
+
+def _picture(item: Any) -> PILImage.Image:
+    """A worker's image: raw pixels (the usual), encoded bytes, or a PIL image."""
+    if isinstance(item, bytes):
+        return PILImage.open(io.BytesIO(item))
+    to_image = getattr(item, "image", None)
+    return to_image() if callable(to_image) else item
 
 
 def complete_job(

@@ -59,6 +59,38 @@ def ticket_of(view: jobs.JobView) -> Ticket:
     )
 
 
+class _Starts:
+    """Group commit for job starts: the jobs of a batch start in the same moment, so their
+    `queued → running` transitions share one transaction. Each caller awaits its own answer."""
+
+    def __init__(self, db: sessionmaker[Session]) -> None:
+        self.db = db
+        self._pending: dict[str, tuple[int, asyncio.Future[bool]]] = {}
+        self._scheduled = False
+
+    async def claim(self, job_id: str, attempt: int) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending[job_id] = (attempt, future)
+        if not self._scheduled:  # flush after the other starts of this loop iteration joined in
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+        return await future
+
+    async def _flush(self) -> None:
+        pending, self._pending, self._scheduled = self._pending, {}, False
+        try:
+            claimed = await asyncio.to_thread(
+                jobs.mark_running_many, self.db, {job_id: attempt for job_id, (attempt, _) in pending.items()})
+        except Exception as exc:  # noqa: BLE001 - each waiting start hears of it
+            for _, future in pending.values():
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for job_id, (_, future) in pending.items():
+            if not future.done():
+                future.set_result(job_id in claimed)
+
+
 @dataclass
 class _Held:
     request: EngineRequest
@@ -93,6 +125,7 @@ class Scheduler:
         self._pending: dict[str, deque[EngineEvent]] = {}
         self._handlers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._starts = _Starts(db)
         engine.add_listener(self._on_engine_event)
 
     # ---- lifecycle
@@ -246,7 +279,7 @@ class Scheduler:
             self._update(ticket, "queued" if isinstance(event, Queued) else "position",
                          {"queue_position": event.position, "eta_s": round(event.eta_s, 3)})
         elif isinstance(event, Started):
-            if not await asyncio.to_thread(jobs.mark_running, self.db, job_id, event.attempt):
+            if not await self._starts.claim(job_id, event.attempt):
                 self.engine.cancel(job_id)  # cancelled (or finished) in the database meanwhile
                 return
             self._update(ticket, "started", {"attempt": event.attempt})

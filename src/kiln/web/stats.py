@@ -1,6 +1,7 @@
 """The dashboard's numbers, as one small JSON snapshot polled every few seconds.
 
-Read from the engine's Prometheus metrics where they exist (found on `app.state`); queue depth,
+Read from Prometheus metrics where they exist (this process's registry on `app.state`, and the
+scheduler's, which its heartbeat carries); queue depth,
 images and waits fall back to the jobs table, and anything else is simply absent ("no data").
 Counters are sent as running totals: the page turns two snapshots into a rate.
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,8 +39,18 @@ def find_registry(app: FastAPI) -> CollectorRegistry:
     return REGISTRY
 
 
+def _families(app: FastAPI) -> list[Any]:
+    """This process's metric families and the scheduler's (sent with its heartbeat, as text)."""
+    families = list(find_registry(app).collect())
+    runner = getattr(getattr(app.state, "kiln", None), "runner", None)
+    status = getattr(runner, "status", None)
+    if status is not None and status.metrics:
+        families += text_string_to_metric_families(status.metrics.decode())
+    return families
+
+
 def snapshot(app: FastAPI) -> dict[str, Any]:
-    metrics = _read_metrics(find_registry(app))
+    metrics = _read_metrics(_families(app))
     db = _read_db(app.state.kiln.db)
     return {
         "time": time.time(),
@@ -59,7 +71,7 @@ def _label(labels: dict[str, str], *names: str) -> str:
     return "all"
 
 
-def _read_metrics(registry: CollectorRegistry) -> dict[str, Any]:
+def _read_metrics(families: Any) -> dict[str, Any]:
     queue: dict[str, float] = defaultdict(float)
     refusals: dict[str, float] = defaultdict(float)
     images: float | None = None
@@ -67,7 +79,7 @@ def _read_metrics(registry: CollectorRegistry) -> dict[str, Any]:
     buckets: dict[str, list[tuple[float, float]]] = defaultdict(list)
     gpus: dict[str, dict[str, float]] = defaultdict(dict)
     found: list[str] = []
-    for family in registry.collect():
+    for family in families:
         name = family.name
         if not name.startswith("kiln"):
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -42,3 +43,26 @@ class StepProgress:
     total: int
     previews: dict[str, bytes] = field(default_factory=dict)
     """Small PNG previews by request id, only on steps where one was asked for."""
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """A finished image as raw pixels: the worker never encodes it, so storage encodes it once (with
+    its provenance) instead of decoding a PNG only to encode it again."""
+
+    width: int
+    height: int
+    mode: str
+    data: bytes
+
+    @classmethod
+    def of(cls, image: Any) -> Pixels:
+        """From a PIL image (converted to RGB or RGBA)."""
+        if image.mode not in ("RGB", "RGBA"):
+            image = image.convert("RGB")
+        return cls(image.width, image.height, image.mode, image.tobytes())
+
+    def image(self) -> Any:
+        from PIL import Image
+
+        return Image.frombytes(self.mode, (self.width, self.height), self.data)
