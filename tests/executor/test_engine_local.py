@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import pytest_asyncio
+from engine.recorder import EventRecorder
 
 from kiln.engine import (
     AsyncEngine,
@@ -21,8 +22,6 @@ from kiln.engine import (
     Failed,
     Progress,
 )
-
-from engine.recorder import EventRecorder
 
 from .conftest import make_executor
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-
+from engine.recorder import EventRecorder
 
 from kiln.config import ModelSpec, load_settings
 from kiln.engine import BatchKey, Completed, EngineMetrics, EngineRequest, build_local_engine
 from kiln.testing import prompt_colour
-
-from engine.recorder import EventRecorder
 
 
 async def test_build_local_engine_from_settings(tmp_path):

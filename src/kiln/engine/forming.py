@@ -151,7 +151,9 @@ class BatchFormer:
             return None
         weights = self._queues.normal.weights
         recent = [p for p, t in self._last_arrival.items() if now - t <= self.config.bound_window_s]
-        return max((weights.get(p, 1.0) for p in [*self._queues.normal.plans_waiting(), *recent]), default=None)
+        return max(
+            (weights.get(p, 1.0) for p in [*self._queues.normal.plans_waiting(), *recent]), default=None
+        )
 
     def _weight_of(self, item: WorkItem) -> float:
         return item.weight(self._queues.normal.weights)
