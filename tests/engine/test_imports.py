@@ -9,7 +9,8 @@ import sys
 def test_engine_imports_no_heavy_layers():
     code = (
         "import sys, kiln.engine, kiln.executor, kiln.engine.admission, kiln.engine.loop, kiln.engine.limits,"
-        " kiln.executor.messages;"
+        " kiln.engine.core, kiln.engine.forming, kiln.engine.positions, kiln.engine.sharing, kiln.engine.queues,"
+        " kiln.engine.jobs, kiln.engine.update, kiln.executor.messages;"
         "bad = [m for m in ('torch', 'sqlalchemy', 'fastapi', 'kiln.db', 'kiln.api', 'kiln.service')"
         " if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )

@@ -1,4 +1,4 @@
-"""The async driver: steps on its own, routes events to listeners and per-job streams."""
+"""The async driver: steps on its own, routes events to listeners in order."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from kiln.engine import AsyncEngine, Cancelled, Completed, EngineConfig, EngineC
 from kiln.executor.base import BatchCompleted, BatchFailed
 
 from .conftest import FakeExecutor, req
+from .recorder import EventRecorder
 
 
 class AutoExecutor(FakeExecutor):
@@ -32,6 +33,8 @@ async def test_driver_runs_jobs_and_routes_events():
     engine = AsyncEngine(EngineCore(executor, EngineConfig(max_batch_wait_s=0.01)), idle_poll_s=5.0)
     seen = []
     engine.add_listener(seen.append)
+    recorder = EventRecorder()
+    engine.add_listener(recorder)
     written = []
 
     async def write(event):
@@ -43,11 +46,11 @@ async def test_driver_runs_jobs_and_routes_events():
         good, bad = req("a", n=2), req("b", prompt="bad one")
         assert engine.add_request(good) and engine.add_request(bad)
         assert not engine.add_request(good)
-        done = await engine.wait(good.job_id, timeout_s=10)
-        failed = await engine.wait(bad.job_id, timeout_s=10)
+        done = await recorder.wait(good.job_id, timeout_s=10)
+        failed = await recorder.wait(bad.job_id, timeout_s=10)
         assert isinstance(done, Completed) and done.images == (b"png", b"png")
         assert isinstance(failed, Failed) and failed.code == "generation_failed"
-        stream = [type(e) async for e in engine.events(good.job_id)]  # replayed after the fact
+        stream = [type(e) for e in recorder.events(good.job_id)]
         assert stream[0] is Queued and Started in stream and stream[-1] is Completed
         while len(written) < len(seen):
             await asyncio.sleep(0)
@@ -59,6 +62,8 @@ async def test_driver_runs_jobs_and_routes_events():
 async def test_cancel_through_the_driver():
     executor = FakeExecutor(slots=0)  # nothing ever starts
     engine = AsyncEngine(EngineCore(executor, EngineConfig()), idle_poll_s=5.0)
+    recorder = EventRecorder()
+    engine.add_listener(recorder)
     await engine.start()
     try:
         job = req("a")
@@ -66,7 +71,7 @@ async def test_cancel_through_the_driver():
         assert engine.queue_position(job.job_id) == 0
         assert not engine.cancel(job.job_id, "someone-else")
         assert engine.cancel(job.job_id, "a")
-        assert isinstance(await engine.wait(job.job_id, timeout_s=10), Cancelled)
-        assert await engine.wait("unknown", timeout_s=1) is None
+        assert isinstance(await recorder.wait(job.job_id, timeout_s=10), Cancelled)
+        assert await recorder.wait("unknown", timeout_s=1) is None
     finally:
         await engine.stop()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-
+from engine.recorder import EventRecorder
 
 from kiln.config import ModelSpec, load_settings
 from kiln.engine import BatchKey, Completed, EngineMetrics, EngineRequest, build_local_engine
@@ -24,12 +24,14 @@ async def test_build_local_engine_from_settings(tmp_path):
     registry = CollectorRegistry()
     engine, executor = build_local_engine(settings, metrics=EngineMetrics(registry))
     assert engine.core.config.max_batch_images == 4
+    recorder = EventRecorder()
+    engine.add_listener(recorder)
     executor.start()
     await engine.start()
     try:
         key = BatchKey("fake", "generate", 48, 40, 3, 7.5)
         engine.add_request(EngineRequest("j1", "u", "free", key, "a kiln", seed=5, n=2))
-        done = await engine.wait("j1", timeout_s=60)
+        done = await recorder.wait("j1", timeout_s=60)
         assert isinstance(done, Completed) and len(done.images) == 2
         second = done.images[1].image()
         assert second.size == (48, 40) and second.getpixel((0, 0)) == prompt_colour("a kiln", 6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kiln.engine.work import WorkItem
@@ -34,6 +36,12 @@ class RunningBatch:
     def progress(self) -> float:
         return self.step / max(self.total, 1)
 
+    def units_by_plan(self) -> dict[str, float]:
+        units: dict[str, float] = defaultdict(float)
+        for item in self.items:
+            units[item.plan] += item.units
+        return units
+
     def to_exec(self) -> ExecBatch:
         """What the executor runs: one GenerationRequest per work item, keyed by its work id."""
         key = self.items[0].key
@@ -53,6 +61,11 @@ class RunningBatch:
         )
         previews = [m.preview_every for i in self.items for m in i.members if m.preview_every > 0]
         return ExecBatch(self.batch_id, spec, requests, min(previews, default=0))
+
+
+def running_units(batches: Iterable[RunningBatch]) -> float:
+    """Work units the running batches still have to do."""
+    return sum(b.units * (1.0 - b.progress) for b in batches)
 
 
 @dataclass

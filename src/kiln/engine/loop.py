@@ -1,6 +1,7 @@
-"""The async driver: runs `EngineCore.step()` in an asyncio task and routes events to listeners
-(the service's JobRunner) and to per-job streams (SSE). All engine calls happen on the event loop's
-thread, so the core needs no lock; the executor wakes the loop from its own thread when outputs land.
+"""The async driver: runs `EngineCore.step()` in an asyncio task and routes its events to listeners
+(the scheduler's job writer). It keeps no per-job history: the API process's job log is the only one.
+All engine calls happen on the event loop's thread, so the core needs no lock; the executor wakes the
+loop from its own thread when outputs land.
 """
 
 from __future__ import annotations
@@ -9,14 +10,13 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kiln.engine.config import EngineConfig
 from kiln.engine.core import EngineCore
 from kiln.engine.metrics import EngineMetrics
-from kiln.engine.types import TERMINAL_EVENTS, Admitted, EngineEvent, EngineRequest, Progress
+from kiln.engine.types import Admitted, EngineEvent, EngineRequest
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,9 @@ Listener = Callable[[EngineEvent], Awaitable[None] | None]
 class AsyncEngine:
     """`start()` → `admit()`/`add_request()`/`cancel()` → events → `stop()`."""
 
-    def __init__(self, core: EngineCore, *, idle_poll_s: float = 0.5, history_jobs: int = 2000) -> None:
+    def __init__(self, core: EngineCore, *, idle_poll_s: float = 0.5) -> None:
         self.core = core
         self.idle_poll_s = idle_poll_s
-        self._history: dict[str, list[EngineEvent]] = {}
-        self._finished: OrderedDict[str, list[EngineEvent]] = OrderedDict()
-        self._history_jobs = history_jobs
-        self._streams: dict[str, list[asyncio.Queue[EngineEvent]]] = defaultdict(list)
         self._listeners: list[tuple[Listener, asyncio.Queue[EngineEvent] | None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._wake: asyncio.Event | None = None
@@ -80,8 +76,6 @@ class AsyncEngine:
     def add_request(self, request: EngineRequest) -> bool:
         """Queue a job (idempotent by job id: False if already known)."""
         added = self.core.add_request(request)
-        if added:
-            self._history.setdefault(request.job_id, [])
         self._poke()
         return added
 
@@ -111,44 +105,6 @@ class AsyncEngine:
         else:
             self._listeners.append((listener, None))
 
-    async def events(self, job_id: str) -> AsyncIterator[EngineEvent]:
-        """This job's events from the start (replayed), then live, ending after the terminal one."""
-        past = list(self._finished.get(job_id) or self._history.get(job_id) or [])
-        if not past and job_id not in self._history:
-            return
-        queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        if job_id in self._history:
-            self._streams[job_id].append(queue)
-        try:
-            for event in past:
-                yield event
-                if isinstance(event, TERMINAL_EVENTS):
-                    return
-            while True:
-                event = await queue.get()
-                yield event
-                if isinstance(event, TERMINAL_EVENTS):
-                    return
-        finally:
-            streams = self._streams.get(job_id)
-            if streams and queue in streams:
-                streams.remove(queue)
-                if not streams:
-                    del self._streams[job_id]
-
-    async def wait(self, job_id: str, timeout_s: float | None = None) -> EngineEvent | None:
-        """The job's terminal event (Completed · Failed · Cancelled), or None on timeout/unknown."""
-        async def terminal() -> EngineEvent | None:
-            async for event in self.events(job_id):
-                if isinstance(event, TERMINAL_EVENTS):
-                    return event
-            return None
-
-        try:
-            return await asyncio.wait_for(terminal(), timeout_s)
-        except TimeoutError:
-            return None
-
     # ---- the loop
 
     def _poke(self) -> None:
@@ -177,9 +133,6 @@ class AsyncEngine:
 
     def _route(self, events: list[EngineEvent]) -> None:
         for event in events:
-            self._remember(event)
-            for queue in self._streams.get(event.job_id, ()):
-                queue.put_nowait(event)
             for listener, queue in self._listeners:
                 if queue is not None:
                     queue.put_nowait(event)
@@ -188,17 +141,6 @@ class AsyncEngine:
                     listener(event)
                 except Exception:
                     log.exception("engine listener failed on %s", event)
-
-    def _remember(self, event: EngineEvent) -> None:
-        history = self._history.setdefault(event.job_id, [])
-        if isinstance(event, Progress) and history and isinstance(history[-1], Progress):
-            history[-1] = event  # replay needs the latest progress, not every step
-        else:
-            history.append(event)
-        if isinstance(event, TERMINAL_EVENTS):
-            self._finished[event.job_id] = self._history.pop(event.job_id)
-            while len(self._finished) > self._history_jobs:
-                self._finished.popitem(last=False)
 
     async def _feed(self, listener: Listener, queue: asyncio.Queue[EngineEvent]) -> None:
         while True:

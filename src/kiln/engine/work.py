@@ -4,9 +4,13 @@ requests are computed once). The engine's bookkeeping, never sent across a proce
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kiln.engine.types import BatchKey, EngineRequest
+
+RELAX_WEIGHT = 0.0
+"""Relax work's weight: below every plan's, so it never outranks anything."""
 
 
 @dataclass(eq=False)
@@ -53,3 +57,7 @@ class WorkItem:
     @property
     def relax(self) -> bool:
         return self.leader.relax
+
+    def weight(self, weights: Mapping[str, float]) -> float:
+        """Its plan's weight from `weights` (relax work: RELAX_WEIGHT)."""
+        return RELAX_WEIGHT if self.relax else weights.get(self.plan, 1.0)
