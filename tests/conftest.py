@@ -83,6 +83,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         default_model="fake",
         model_aliases={"gpt-image-1": "fake", "dall-e-3": "fake", "dall-e-2": "fake"},
         live_settings_poll_s=0.5,
+        scheduler_timeout_s=5.0,  # two busy cores can delay a heartbeat by a second or more
     )
 
 

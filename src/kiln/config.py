@@ -161,7 +161,7 @@ class Settings(BaseSettings):
     scheduler_id: str | None = None
     """This scheduler's name in job leases; None: the host name and `scheduler_url`'s port. A
     scheduler restarted under the same id runs what its previous life left at once."""
-    scheduler_timeout_s: float = Field(1.0, gt=0, le=60)
+    scheduler_timeout_s: float = Field(2.0, gt=0, le=60)
     """An API process treats the scheduler as away when it has not heard from it for this long (and
     waits at most this long for an admission answer); it then answers 503 with a Retry-After."""
     key_revocation_poll_s: float = Field(0.5, gt=0, le=60)

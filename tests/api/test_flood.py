@@ -146,10 +146,10 @@ def test_the_api_outlives_its_scheduler_and_a_restarted_one_runs_the_queue_once(
             scheduler.wait(10)
             gone = time.monotonic()
             while (refused := http.post("/v1/images/generations", json={"prompt": "during"})).status_code == 200:
-                assert time.monotonic() - gone < 5
+                assert time.monotonic() - gone < 10
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_is_overloaded"
             assert int(refused.headers["Retry-After"]) >= 1
-            assert time.monotonic() - gone < 5  # answered, never hung
+            assert time.monotonic() - gone < 10  # answered within the scheduler timeout, never hung
             queued = [http.post("/v1/jobs", json={"prompt": f"kept {i}", "seed": i}) for i in range(5)]
             assert {r.status_code for r in queued} == {202}  # durable: they wait for a scheduler
             ids = [r.json()["id"] for r in queued]

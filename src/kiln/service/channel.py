@@ -93,26 +93,32 @@ class SchedulerServer:
     async def _serve(self) -> None:
         assert self._router is not None
         while True:
-            identity, payload = await self._router.recv_multipart()
-            try:
-                message = decode_to_scheduler(payload)
-            except msgspec.DecodeError:
-                log.warning("dropped a malformed message from an API process")
-                continue
-            try:
-                if isinstance(message, Admit):
-                    reply = self.handler.admit(message)
-                    await self._router.send_multipart([identity, encode(reply)])
-                elif isinstance(message, Submit):
-                    task = asyncio.create_task(self.handler.submit(message.ticket, message.hold_id))
-                    self._submits.add(task)
-                    task.add_done_callback(self._submit_done)
-                elif isinstance(message, Release):
-                    self.handler.release(message.hold_id)
-                elif isinstance(message, Cancel):
-                    self.handler.cancel(message.job_id)
-            except Exception:
-                log.exception("handling %s failed", type(message).__name__)
+            identity, *payloads = await self._router.recv_multipart()
+            replies = [reply for payload in payloads if (reply := self._handle(payload)) is not None]
+            if replies:  # one send for all the answers this batch asked for
+                await self._router.send_multipart([identity, *replies])
+
+    def _handle(self, payload: bytes) -> bytes | None:
+        """One request: the encoded answer for an `Admit`, None for the rest."""
+        try:
+            message = decode_to_scheduler(payload)
+        except msgspec.DecodeError:
+            log.warning("dropped a malformed message from an API process")
+            return None
+        try:
+            if isinstance(message, Admit):
+                return encode(self.handler.admit(message))
+            if isinstance(message, Submit):
+                task = asyncio.create_task(self.handler.submit(message.ticket, message.hold_id))
+                self._submits.add(task)
+                task.add_done_callback(self._submit_done)
+            elif isinstance(message, Release):
+                self.handler.release(message.hold_id)
+            elif isinstance(message, Cancel):
+                self.handler.cancel(message.job_id)
+        except Exception:  # noqa: BLE001 - one bad request must not end the channel
+            log.exception("handling %s failed", type(message).__name__)
+        return None
 
     def _submit_done(self, task: asyncio.Task[None]) -> None:
         self._submits.discard(task)
@@ -149,6 +155,8 @@ class SchedulerLink:
         self._replies: dict[int, asyncio.Future[AdmitReply]] = {}
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
+        self._outbox: list[bytes] = []
+        self._flush_scheduled = False
 
     async def start(self) -> None:
         self._ctx = zmq.asyncio.Context()
@@ -180,7 +188,7 @@ class SchedulerLink:
         future: asyncio.Future[AdmitReply] = asyncio.get_running_loop().create_future()
         self._replies[message.req_id] = future
         try:
-            await self._dealer.send(encode(message))
+            self._post(encode(message))
             return await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
             return None
@@ -188,16 +196,30 @@ class SchedulerLink:
             self._replies.pop(message.req_id, None)
 
     async def send(self, message: Submit | Release | Cancel) -> None:
-        assert self._dealer is not None
-        await self._dealer.send(encode(message))
+        self._post(encode(message))
+
+    def _post(self, data: bytes) -> None:
+        """Queue a message; everything queued in one turn of the event loop goes as one ZMQ message
+        (a flood of admissions costs one send per turn, not two per request)."""
+        self._outbox.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        frames, self._outbox = self._outbox, []
+        if frames and self._dealer is not None:
+            self._dealer.send_multipart(frames)  # DEALER: queued by ZMQ while the scheduler is away
 
     async def _read_replies(self) -> None:
         assert self._dealer is not None
         while True:
-            reply = decode_from_scheduler(await self._dealer.recv())
-            if isinstance(reply, AdmitReply) and (future := self._replies.get(reply.req_id)) is not None:
-                if not future.done():
-                    future.set_result(reply)
+            for frame in await self._dealer.recv_multipart():
+                reply = decode_from_scheduler(frame)
+                if isinstance(reply, AdmitReply) and (future := self._replies.get(reply.req_id)) is not None:
+                    if not future.done():
+                        future.set_result(reply)
 
     async def _read_updates(self) -> None:
         assert self._sub is not None
