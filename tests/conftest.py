@@ -179,7 +179,7 @@ def with_scheduler_ports(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def start_scheduler(empty_database_url: str) -> Iterator[Callable[..., Any]]:
+def start_scheduler(database_url: str) -> Iterator[Callable[..., Any]]:
     """Start schedulers (engine, executor, workers) on threads of their own: `start_scheduler(settings)`.
     (It asks for the database fixture so that they stop before the test's database is dropped.)"""
     from kiln.service.scheduler_host import SchedulerHost
