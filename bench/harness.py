@@ -254,6 +254,13 @@ class KilnServer:
             time.sleep(0.3)
         raise RuntimeError("kiln serve did not become ready")
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) used so far by the server's live processes (its session), so a
+        run can say what each request cost the server and what share of its core it got."""
+        if self.process is None:
+            return 0.0
+        return session_cpu_s(self.process.pid)
+
     def __exit__(self, *_: object) -> None:
         if self.process is not None:
             self.process.terminate()
@@ -265,6 +272,26 @@ class KilnServer:
                 os.killpg(self.process.pid, signal.SIGKILL)  # children that outlived their parent
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def session_cpu_s(sid: int) -> float:
+    """utime + stime of every live process in session `sid` (plus what its leader reaped from children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, session, …
+        if int(fields[3]) != sid:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if int(entry.name) == sid:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return total / tick
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -373,6 +400,8 @@ class WrkRun:
     p99_ms: float
     max_ms: float
     mean_ms: float
+    server_cpu_s: float | None = None
+    """CPU the server's processes used during the run, where the caller measured it."""
 
     @classmethod
     def parse(cls, stdout: str, connections: int) -> WrkRun:
@@ -408,6 +437,21 @@ class WrkRun:
             return 0.0
         return self.connections / (self.mean_ms / 1000) * (self.share(*statuses) if statuses else 1.0)
 
+    @property
+    def cpu_ms_per_request(self) -> float | None:
+        return self.server_cpu_s / self.requests * 1000 if self.server_cpu_s is not None and self.requests else None
+
+    @property
+    def per_core_s(self) -> float | None:
+        """Answers per second of the server's CPU: its rate were it to have a whole core to itself."""
+        return self.requests / self.server_cpu_s if self.server_cpu_s else None
+
+    @property
+    def core_share(self) -> float | None:
+        """Fraction of one core the server used while wrk ran (< 1 on a saturated server means others
+        took the rest of its core)."""
+        return self.server_cpu_s / self.duration_s if self.server_cpu_s is not None and self.duration_s else None
+
     def mix(self) -> str:
         return " ".join(f"{s}:{n}" for s, n in sorted(self.status.items()))
 
@@ -416,7 +460,7 @@ class Wrk:
     """One wrk run (compiled load, one thread, pinned to `cpu`) over a list of requests taken in turn."""
 
     def __init__(self, url: str, requests: list[WrkRequest], *, connections: int, duration_s: float,
-                 cpu: str | None, folder: Path, timeout_s: float = 30.0) -> None:
+                 cpu: str | None, folder: Path, timeout_s: float = 30.0, server: KilnServer | None = None) -> None:
         spec = Path(tempfile.mkstemp(prefix="wrk-", suffix=".tsv", dir=folder)[1])
         spec.write_text("\n".join(r.line() for r in requests) + "\n")
         self.connections = connections
@@ -424,8 +468,10 @@ class Wrk:
                                     f"--timeout={round(timeout_s)}s", "-s", str(WRK_SCRIPT), url, "--",
                                     str(spec)])
         self.process: subprocess.Popen[str] | None = None
+        self.server, self.cpu_at_start = server, 0.0
 
     def start(self) -> Wrk:
+        self.cpu_at_start = self.server.cpu_s() if self.server else 0.0
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True)
         return self
@@ -433,7 +479,10 @@ class Wrk:
     def result(self) -> WrkRun:
         assert self.process is not None
         stdout, _ = self.process.communicate()
-        return WrkRun.parse(stdout, self.connections)
+        run = WrkRun.parse(stdout, self.connections)
+        if self.server:
+            run.server_cpu_s = self.server.cpu_s() - self.cpu_at_start
+        return run
 
     def run(self) -> WrkRun:
         return self.start().result()
