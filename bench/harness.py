@@ -254,12 +254,12 @@ class KilnServer:
             time.sleep(0.3)
         raise RuntimeError("kiln serve did not become ready")
 
-    def cpu_s(self) -> float:
-        """CPU seconds (user + system) used so far by the server's live processes (its session), so a
-        run can say what each request cost the server and what share of its core it got."""
+    def cpu_s(self) -> tuple[float, float]:
+        """(CPU seconds of the server's live processes, busy seconds of the core it is pinned to) so far:
+        what each request cost the server, and how much of its core other work took."""
         if self.process is None:
-            return 0.0
-        return session_cpu_s(self.process.pid)
+            return 0.0, 0.0
+        return session_cpu_s(self.process.pid), core_busy_s(self.cpu) if self.cpu else 0.0
 
     def __exit__(self, *_: object) -> None:
         if self.process is not None:
@@ -275,7 +275,8 @@ class KilnServer:
 
 
 def session_cpu_s(sid: int) -> float:
-    """utime + stime of every live process in session `sid` (plus what its leader reaped from children)."""
+    """utime + stime of every live process in session `sid` (a process's own figure includes its
+    threads that have ended, which per-thread counters would lose), plus what the leader reaped."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for entry in Path("/proc").iterdir():
@@ -284,7 +285,7 @@ def session_cpu_s(sid: int) -> float:
         try:
             stat = (entry / "stat").read_text()
         except OSError:
-            continue
+            continue  # ended while we looked
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, session, …
         if int(fields[3]) != sid:
             continue
@@ -292,6 +293,16 @@ def session_cpu_s(sid: int) -> float:
         if int(entry.name) == sid:
             total += int(fields[13]) + int(fields[14])  # cutime, cstime
     return total / tick
+
+
+def core_busy_s(cpu: str) -> float:
+    """Seconds core `cpu` has been busy (anything but idle and iowait) since boot, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name == f"cpu{cpu}":
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(t) for t in ticks[:8])
+            return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -402,6 +413,8 @@ class WrkRun:
     mean_ms: float
     server_cpu_s: float | None = None
     """CPU the server's processes used during the run, where the caller measured it."""
+    others_on_core_s: float | None = None
+    """Busy time of the server's core during the run that was not the server's (other work's)."""
 
     @classmethod
     def parse(cls, stdout: str, connections: int) -> WrkRun:
@@ -452,6 +465,13 @@ class WrkRun:
         took the rest of its core)."""
         return self.server_cpu_s / self.duration_s if self.server_cpu_s is not None and self.duration_s else None
 
+    @property
+    def others_share(self) -> float | None:
+        """Fraction of the server's core that other work took during the run (0 on a quiet machine)."""
+        if self.others_on_core_s is None or not self.duration_s:
+            return None
+        return max(0.0, self.others_on_core_s / self.duration_s)
+
     def mix(self) -> str:
         return " ".join(f"{s}:{n}" for s, n in sorted(self.status.items()))
 
@@ -468,10 +488,10 @@ class Wrk:
                                     f"--timeout={round(timeout_s)}s", "-s", str(WRK_SCRIPT), url, "--",
                                     str(spec)])
         self.process: subprocess.Popen[str] | None = None
-        self.server, self.cpu_at_start = server, 0.0
+        self.server, self.cpu_at_start = server, (0.0, 0.0)
 
     def start(self) -> Wrk:
-        self.cpu_at_start = self.server.cpu_s() if self.server else 0.0
+        self.cpu_at_start = self.server.cpu_s() if self.server else (0.0, 0.0)
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True)
         return self
@@ -481,7 +501,10 @@ class Wrk:
         stdout, _ = self.process.communicate()
         run = WrkRun.parse(stdout, self.connections)
         if self.server:
-            run.server_cpu_s = self.server.cpu_s() - self.cpu_at_start
+            ran, busy = self.server.cpu_s()
+            run.server_cpu_s = ran - self.cpu_at_start[0]
+            if self.server.cpu:
+                run.others_on_core_s = (busy - self.cpu_at_start[1]) - run.server_cpu_s
         return run
 
     def run(self) -> WrkRun:

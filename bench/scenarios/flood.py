@@ -150,11 +150,12 @@ def _row(what: str, connections: int, runs: list[WrkRun], ok: tuple[int, ...], t
         "what": what, "conns": connections, "requests/s": spread([r.rate for r in runs]),
         "p50 ms": best.p50_ms, "p99 ms": best.p99_ms, "status mix": best.mix(),
         "server CPU ms/req": best.cpu_ms_per_request, "req/s per server core": best.per_core_s,
-        "server's core share": best.core_share,
+        "server's core share": best.core_share, "others' share of its core": best.others_share,
         "expected share": best.share(*ok),
         "no Retry-After": sum(r.retry_after_missing for r in runs),
         "today (issue)": today, "goal": goal,
-        "_rate": statistics.median(r.rate for r in runs), "_runs": [r.__dict__ for r in runs],
+        "_rate": statistics.median(r.rate for r in runs),
+        "_per_core": statistics.median(r.per_core_s or 0.0 for r in runs), "_runs": [r.__dict__ for r in runs],
     }
 
 
@@ -245,13 +246,14 @@ def _gpu_rows(gpu: dict[str, list[dict]]) -> tuple[list[dict[str, Any]], dict[st
          "p50 s": median_run(alone, "p50_ms").p50_ms / 1000, "p99 s": p99_alone,
          "ratio": f"served ÷ ceiling {figures['alone_vs_ceiling']:.2f}",
          "server's core share": median_run(alone).core_share,
+         "others' share of its core": median_run(alone).others_share,
          "today (issue)": "19.2 images/s, p99 1.08 s", "goal": "served ÷ ceiling ≥ 0.95",
          "paid status mix": median_run(alone).mix()},
         {"what": f"same, under a refusal flood of {flood_rate:,.0f}/s (64 conns)", "images/s": served_flooded,
          "images/s counted": statistics.median(r.rate_of(200) for r in flooded),
          "p50 s": median_run(flooded, "p50_ms").p50_ms / 1000, "p99 s": p99_flooded,
          "ratio": f"served ÷ alone {figures['flooded_vs_alone']:.2f}, p99 ÷ alone {figures['p99_vs_alone']:.2f}",
-         "server's core share": flood.core_share,
+         "server's core share": flood.core_share, "others' share of its core": flood.others_share,
          "today (issue)": "6.2 images/s under 119/s, p99 4.11 s",
          "goal": "under ≥ 2,000/s: served ÷ alone ≥ 0.95, p99 ÷ alone ≤ 1.2",
          "paid status mix": median_run(flooded).mix()},
@@ -288,21 +290,24 @@ def run(ctx: Context) -> tuple[Section, Section] | Section:
         rows.append(row)
     gpu_rows, gpu = _gpu_rows(fast["gpu"])
 
-    def rate(prefix: str, conns: int = 64) -> float:
-        return next((r["_rate"] for r in rows if r["what"].startswith(prefix) and r["conns"] == conns), 0.0)
+    def rate(prefix: str, conns: int = 64, key: str = "_rate") -> float:
+        return next((r.get(key, 0.0) for r in rows if r["what"].startswith(prefix) and r["conns"] == conns), 0.0)
+
+    def bars(prefix: str, conns: int = 64, **others: float) -> dict[str, float]:
+        return {"measured": rate(prefix, conns), "measured, per server core": rate(prefix, conns, "_per_core"),
+                **others}
 
     mix_row = next(r for r in rows if r["what"].startswith("refusals: 429 used-up quota + 401"))
     missing = sum(r.get("no Retry-After", 0) or 0 for r in rows)
     plot = grouped_bar_plot(
         ctx.out / "flood.png", "Answers per second, kiln serve on one core (wrk on the other)", "requests/s",
-        {"healthz": {"measured": rate("GET /healthz"), "issue: main": 5960},
-         "refusals mix": {"measured": rate("refusals: 429 used-up quota + 401"), "goal": 3000},
-         "429 (32 conns)": {"measured": rate("refusals: 429 used-up quota", 32), "issue: main": 193},
-         "usage": {"measured": rate("read: GET /v1/usage"), "issue: main": 290, "goal": 3000},
-         "job read": {"measured": rate("read: GET /v1/jobs/{id}"), "goal": 3000},
-         "admit sqlite": {"measured": rate("admission: POST /v1/jobs, sqlite"), "issue: main": 125, "goal": 1500},
-         "admit postgres": {"measured": rate("admission: POST /v1/jobs, postgres"), "issue: main": 42,
-                            "goal": 1500}},
+        {"healthz": bars("GET /healthz", **{"issue: main": 5960}),
+         "refusals mix": bars("refusals: 429 used-up quota + 401", goal=3000),
+         "429 (32 conns)": bars("refusals: 429 used-up quota", 32, **{"issue: main": 193}),
+         "usage": bars("read: GET /v1/usage", **{"issue: main": 290}, goal=3000),
+         "job read": bars("read: GET /v1/jobs/{id}", goal=3000),
+         "admit sqlite": bars("admission: POST /v1/jobs, sqlite", **{"issue: main": 125}, goal=1500),
+         "admit postgres": bars("admission: POST /v1/jobs, postgres", **{"issue: main": 42}, goal=1500)},
         log=True)
     gpu_plot = grouped_bar_plot(
         ctx.out / "flood-gpu.png", "GPU-shaped worker (ceiling 20 images/s): paid callers' images/s",
@@ -355,7 +360,8 @@ def run(ctx: Context) -> tuple[Section, Section] | Section:
             "answers, which the noise of a shared machine moves far less than requests/s (`req/s per server "
             "core` is its inverse: the rate with a whole core); `server's core "
             "share`: that CPU time ÷ the run's length (below 1 while the server is the bottleneck means "
-            "someone else had part of its core).",
+            "someone else had part of its core); `others' share of its core`: the core's busy time (/proc/stat) "
+            "that was not the server's, ÷ the run's length: near 0 on a quiet machine.",
             "`expected share`: the fraction of answers with the status the row is about (401/429 for "
             "refusals, 202 for admissions, 200 otherwise); `no Retry-After`: 429/503 answers without one.",
             f"Refusals: {SPENT_USERS} free users who used their day's images through the API first "
