@@ -266,28 +266,34 @@ def _gpu_rows(gpu: dict[str, list[dict]]) -> tuple[list[dict[str, Any]], dict[st
     return rows, figures
 
 
+def admission_rows(ctx: Context, server_cpu: str | None, load_cpu: str | None) -> list[dict[str, Any]]:
+    """One row per database; a database that fails (PostgreSQL not running) is a row that says so."""
+    rows = []
+    for db in ("sqlite", "postgres"):
+        what = f"admission: POST /v1/jobs, {db}"
+        try:
+            if db == "sqlite":
+                runs = measure_admission(ctx, server_cpu, load_cpu, None)
+            else:
+                with postgres_schema() as url:
+                    runs = measure_admission(ctx, server_cpu, load_cpu, url)
+        except Exception as exc:  # noqa: BLE001 - reported in the table; the other rows still count
+            rows.append({"what": what, "conns": 64, "requests/s": f"failed: {type(exc).__name__}: {exc}"[:200],
+                         "today (issue)": TODAY[f"admission {db}"], "goal": GOALS["admission"], "_rate": 0.0})
+            continue
+        row = _row(what, 64, runs, (202,), TODAY[f"admission {db}"], GOALS["admission"])
+        row["202/s"] = statistics.median(r.rate_of(202) for r in runs)
+        rows.append(row)
+    return rows
+
+
 def run(ctx: Context) -> tuple[Section, Section] | Section:
     if not shutil.which("wrk"):
         return Section("flood", "wrk is not installed (`apt-get install wrk`; `make bench` does it); skipped.")
     server_cpu, load_cpu = pinning()
     fast = measure_fast_paths(ctx, server_cpu, load_cpu)
     rows = fast["rows"]
-    admissions: dict[str, list[WrkRun] | str] = {}
-    admissions["sqlite"] = measure_admission(ctx, server_cpu, load_cpu, None)
-    try:
-        with postgres_schema() as url:
-            admissions["postgres"] = measure_admission(ctx, server_cpu, load_cpu, url)
-    except Exception as exc:  # noqa: BLE001 - a missing PostgreSQL is reported in the table, not fatal
-        admissions["postgres"] = f"{type(exc).__name__}: {exc}"[:200]
-    for db, runs in admissions.items():
-        if isinstance(runs, str):
-            rows.append({"what": f"admission: POST /v1/jobs, {db}", "conns": 64, "requests/s": f"failed: {runs}",
-                         "today (issue)": TODAY[f"admission {db}"], "goal": GOALS["admission"], "_rate": 0.0})
-            continue
-        row = _row(f"admission: POST /v1/jobs, {db}", 64, runs, (202,), TODAY[f"admission {db}"],
-                   GOALS["admission"])
-        row["202/s"] = statistics.median(r.rate_of(202) for r in runs)
-        rows.append(row)
+    rows += admission_rows(ctx, server_cpu, load_cpu)
     gpu_rows, gpu = _gpu_rows(fast["gpu"])
 
     def rate(prefix: str, conns: int = 64, key: str = "_rate") -> float:

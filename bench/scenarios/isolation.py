@@ -101,10 +101,10 @@ def run(ctx: Context) -> Section:
         plots=[plot],
         data={"rows": rows},
         notes=[
-            "The GPU-shaped row runs `kiln.testing:load_fake_pipeline` (step_s 0.05, 8 steps, batches of 8), "
-            "the same load (one enterprise caller back to back, the same Python open-loop free crowd, 5× the "
-            "embedded model's capacity, so about 2× the fake's); the fake sleeps instead of computing, so the "
-            "cores are left to the server and the load generator.",
+            "The GPU-shaped row runs `kiln.testing:load_fake_pipeline` (step_s 0.05, 8 steps, batches of 8) "
+            "under the same load (one enterprise caller back to back, the same Python open-loop free crowd at "
+            f"5× the embedded model's capacity, {5 * capacity / GPU_CEILING:.1f}× the fake's); the fake sleeps "
+            "instead of computing, so the cores are left to the server and the load generator.",
             "Latencies are measured by the client, on the same 2-core machine as the server and its "
             "worker; refusals include the client's own time.",
             "Why the ratio misses 1.3: under the flood even the fastest enterprise image takes about twice "

@@ -88,3 +88,14 @@ def test_closed_loop_rate_is_littles_law() -> None:
 def test_a_tab_in_a_request_is_refused() -> None:
     with pytest.raises(ValueError):
         WrkRequest("POST", "/v1/jobs", "k", '{"prompt": "a\tb"}').line()
+
+
+def test_one_core_runs_unpinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import harness
+
+    monkeypatch.setattr(harness.os, "sched_getaffinity", lambda _pid: {3})
+    assert harness.pinning() == (None, None)
+    assert harness.pinned(None, ["wrk"]) == ["wrk"]
+    monkeypatch.setattr(harness.os, "sched_getaffinity", lambda _pid: {5, 2, 7})
+    assert harness.pinning() == ("2", "5")
+    assert harness.pinned("5", ["wrk"]) == ["taskset", "-c", "5", "wrk"]
