@@ -40,7 +40,11 @@ def main() -> None:
         if (out / f"{name}.json").exists():
             ctx.results[name] = Section.load(out / f"{name}.json")
 
+    ran: list[str] = []
+    fresh: set[str] = set()  # sections this run wrote (the rest were loaded from the folder)
+
     def attempt(name: str, fn) -> None:  # noqa: ANN001
+        ran.append(name)
         print(f"[bench] {name} …", flush=True)
         t0 = time.time()
         try:
@@ -48,9 +52,11 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - a failed scenario is reported, not hidden
             traceback.print_exc()
             ctx.results[name] = Section(name, f"**failed**: `{type(exc).__name__}: {exc}`")
+            fresh.add(name)
             return
         for section in result if isinstance(result, tuple) else (result,):
             ctx.results[section.name] = section
+            fresh.add(section.name)
             section.save(out)
         print(f"[bench] {name} done in {time.time() - t0:.0f} s", flush=True)
 
@@ -70,6 +76,8 @@ def main() -> None:
     if "peer" in wanted:
         attempt("peer", peer.run)
 
+    earlier = [n for n in SECTIONS if n in ctx.results and n not in fresh]
+    kept = f"; kept from an earlier run in this folder: {', '.join(earlier)}" if earlier else ""
     lines = [
         f"# Kiln benchmark — {dt.date.today().isoformat()}",
         "",
@@ -78,8 +86,8 @@ def main() -> None:
         *(f"| {k} | {v} |" for k, v in info.items()),
         f"| model | `{ctx.model_path.relative_to(REPO) if ctx.model_path.is_relative_to(REPO) else ctx.model_path}` |",
         f"| torch threads | {ctx.threads} |",
-        f"| mode | {'quick' if ctx.quick else 'full'} (this run: {', '.join(sorted(wanted))}, "
-        f"{time.time() - started:.0f} s) |",
+        f"| mode | {'quick' if ctx.quick else 'full'} (this run: {', '.join(ran)}, "
+        f"{time.time() - started:.0f} s{kept}) |",
         "",
         "Every ratio compares two things measured in this run, on this machine. No GPU was lent to this "
         "run" if info["gpu"] == "none" else f"GPU: {info['gpu']}.",
