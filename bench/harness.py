@@ -11,10 +11,10 @@ import json
 import os
 import platform
 import re
-import signal
-import statistics
 import shutil
+import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
