@@ -452,7 +452,9 @@ class WrkRun:
 
     @property
     def cpu_ms_per_request(self) -> float | None:
-        return self.server_cpu_s / self.requests * 1000 if self.server_cpu_s is not None and self.requests else None
+        if self.server_cpu_s is None or not self.requests:
+            return None
+        return self.server_cpu_s / self.requests * 1000
 
     @property
     def per_core_s(self) -> float | None:
@@ -463,7 +465,9 @@ class WrkRun:
     def core_share(self) -> float | None:
         """Fraction of one core the server used while wrk ran (< 1 on a saturated server means others
         took the rest of its core)."""
-        return self.server_cpu_s / self.duration_s if self.server_cpu_s is not None and self.duration_s else None
+        if self.server_cpu_s is None or not self.duration_s:
+            return None
+        return self.server_cpu_s / self.duration_s
 
     @property
     def others_share(self) -> float | None:
@@ -480,7 +484,8 @@ class Wrk:
     """One wrk run (compiled load, one thread, pinned to `cpu`) over a list of requests taken in turn."""
 
     def __init__(self, url: str, requests: list[WrkRequest], *, connections: int, duration_s: float,
-                 cpu: str | None, folder: Path, timeout_s: float = 30.0, server: KilnServer | None = None) -> None:
+                 cpu: str | None, folder: Path, timeout_s: float = 30.0,
+                 server: KilnServer | None = None) -> None:
         spec = Path(tempfile.mkstemp(prefix="wrk-", suffix=".tsv", dir=folder)[1])
         spec.write_text("\n".join(r.line() for r in requests) + "\n")
         self.connections = connections

@@ -17,7 +17,8 @@ from bench.scenarios import ceiling, flood, gateway, isolation, peer, served
 ORDER = ("ceiling", "saturation", "batching", "isolation", "gateway", "flood", "peer")
 # Scenarios that size their load from saturation (which needs ceiling); flood and gateway need neither.
 NEEDS_SATURATION = {"saturation", "batching", "isolation", "peer"}
-SECTIONS = (*ORDER[: ORDER.index("flood") + 1], "flood-gpu", *ORDER[ORDER.index("flood") + 1:])  # the report's
+# The report's sections: flood writes two.
+SECTIONS = (*ORDER[: ORDER.index("flood") + 1], "flood-gpu", *ORDER[ORDER.index("flood") + 1:])
 
 
 def main() -> None:

@@ -89,12 +89,15 @@ async def _spend(url: str, keys: dict[str, str]) -> None:
                 usage = (await client.get("/v1/usage", headers=auth)).json()
                 if usage.get("remaining") == 0:
                     break
-                r = await client.post("/v1/images/generations", headers=auth, json=json.loads(_gen_body(0)))
+                r = await client.post("/v1/images/generations", headers=auth,
+                                      json=json.loads(_gen_body(0)))
                 if r.status_code != 200:
                     raise RuntimeError(f"spending a free user's quota: {r.status_code} {r.text[:200]}")
-            r = await client.post("/v1/jobs", headers={**auth, "Content-Type": "application/json"}, content=JOB)
+            r = await client.post("/v1/jobs", headers={**auth, "Content-Type": "application/json"},
+                                  content=JOB)
             if r.status_code != 429 or "retry-after" not in r.headers:
-                raise RuntimeError(f"a used-up free user was not refused 429 with Retry-After: {r.status_code}")
+                raise RuntimeError(f"a used-up free user was not refused 429 with Retry-After: "
+                                   f"{r.status_code}")
 
         await asyncio.gather(*(spend_one(k) for k in keys.values()))
 
@@ -155,7 +158,8 @@ def _row(what: str, connections: int, runs: list[WrkRun], ok: tuple[int, ...], t
         "no Retry-After": sum(r.retry_after_missing for r in runs),
         "today (issue)": today, "goal": goal,
         "_rate": statistics.median(r.rate for r in runs),
-        "_per_core": statistics.median(r.per_core_s or 0.0 for r in runs), "_runs": [r.__dict__ for r in runs],
+        "_per_core": statistics.median(r.per_core_s or 0.0 for r in runs),
+        "_runs": [r.__dict__ for r in runs],
     }
 
 
@@ -181,8 +185,10 @@ def measure_fast_paths(ctx: Context, server_cpu: str | None, load_cpu: str | Non
             _row("GET /healthz (reference)", 64, bench.measure(healthz, 64), (200,), TODAY["healthz"], None),
             _row("refusals: 429 used-up quota + 401 bad keys, 1:1", 64, bench.measure(mix, 64), (401, 429),
                  None, GOALS["refusals"]),
-            _row("refusals: 429 used-up quota", 32, bench.measure(quota, 32), (429,), TODAY["quota 429"], None),
-            _row("refusals: 429 used-up quota", 64, bench.measure(quota, 64), (429,), None, GOALS["refusals"]),
+            _row("refusals: 429 used-up quota", 32, bench.measure(quota, 32), (429,), TODAY["quota 429"],
+                 None),
+            _row("refusals: 429 used-up quota", 64, bench.measure(quota, 64), (429,), None,
+                 GOALS["refusals"]),
             _row("refusals: 401 bad keys (random and fixed)", 64, bench.measure(bad_key, 64), (401,), None,
                  GOALS["refusals"]),
             _row("read: GET /v1/usage", 64, bench.measure(usage, 64), (200,), TODAY["usage"], GOALS["reads"]),
@@ -252,7 +258,8 @@ def _gpu_rows(gpu: dict[str, list[dict]]) -> tuple[list[dict[str, Any]], dict[st
         {"what": f"same, under a refusal flood of {flood_rate:,.0f}/s (64 conns)", "images/s": served_flooded,
          "images/s counted": statistics.median(r.rate_of(200) for r in flooded),
          "p50 s": median_run(flooded, "p50_ms").p50_ms / 1000, "p99 s": p99_flooded,
-         "ratio": f"served ÷ alone {figures['flooded_vs_alone']:.2f}, p99 ÷ alone {figures['p99_vs_alone']:.2f}",
+         "ratio": (f"served ÷ alone {figures['flooded_vs_alone']:.2f}, "
+                   f"p99 ÷ alone {figures['p99_vs_alone']:.2f}"),
          "server's core share": flood.core_share, "others' share of its core": flood.others_share,
          "today (issue)": "6.2 images/s under 119/s, p99 4.11 s",
          "goal": "under ≥ 2,000/s: served ÷ alone ≥ 0.95, p99 ÷ alone ≤ 1.2",
@@ -290,7 +297,8 @@ def admission_rows(ctx: Context, server_cpu: str | None, load_cpu: str | None) -
 
 def run(ctx: Context) -> tuple[Section, Section] | Section:
     if not shutil.which("wrk"):
-        return Section("flood", "wrk is not installed (`apt-get install wrk`; `make bench` does it); skipped.")
+        return Section("flood", "wrk is not installed (`apt-get install wrk`; `make bench` does it); "
+                                "skipped.")
     server_cpu, load_cpu = pinning()
     fast = measure_fast_paths(ctx, server_cpu, load_cpu)
     rows = fast["rows"]
@@ -298,11 +306,12 @@ def run(ctx: Context) -> tuple[Section, Section] | Section:
     gpu_rows, gpu = _gpu_rows(fast["gpu"])
 
     def rate(prefix: str, conns: int = 64, key: str = "_rate") -> float:
-        return next((r.get(key, 0.0) for r in rows if r["what"].startswith(prefix) and r["conns"] == conns), 0.0)
+        found = (r.get(key, 0.0) for r in rows if r["what"].startswith(prefix) and r["conns"] == conns)
+        return next(found, 0.0)
 
     def bars(prefix: str, conns: int = 64, **others: float) -> dict[str, float]:
-        return {"measured": rate(prefix, conns), "measured, per server core": rate(prefix, conns, "_per_core"),
-                **others}
+        return {"measured": rate(prefix, conns),
+                "measured, per server core": rate(prefix, conns, "_per_core"), **others}
 
     def admitted(db: str) -> str:
         row = next(r for r in rows if r["what"] == f"admission: POST /v1/jobs, {db}")
@@ -326,23 +335,25 @@ def run(ctx: Context) -> tuple[Section, Section] | Section:
         {"alone": {"measured": gpu["served_alone"], "issue: main": 19.2},
          "under flood": {"measured": gpu["served_flooded"], "issue: main": 6.2}},
         hline=(CEILING, "ceiling"))
-    pinned_note = (f"`kiln serve` (its whole process tree) pinned to core {server_cpu} with taskset, every wrk "
-                   f"on core {load_cpu}." if server_cpu else
+    pinned_note = (f"`kiln serve` (its whole process tree) pinned to core {server_cpu} with taskset, "
+                   f"every wrk on core {load_cpu}." if server_cpu else
                    "**This machine offers one core: server and wrk ran unpinned, sharing it.**")
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     gpu_section = Section(
         name="flood-gpu",
-        summary=(f"The GPU-shaped worker (ceiling {CEILING:.0f} images/s, no CPU) with {PAID_CALLERS} enterprise "
-                 f"callers: served ÷ ceiling **{gpu['alone_vs_ceiling']:.2f}** alone (goal ≥ 0.95); under "
-                 f"{gpu['flood_rate']:,.0f} refusals/s served ÷ alone **{gpu['flooded_vs_alone']:.2f}** and paid "
-                 f"p99 ÷ alone **{gpu['p99_vs_alone']:.2f}** (goals, under ≥ 2,000/s: ≥ 0.95 and ≤ 1.2)."),
+        summary=(f"The GPU-shaped worker (ceiling {CEILING:.0f} images/s, no CPU) with {PAID_CALLERS} "
+                 f"enterprise callers: served ÷ ceiling **{gpu['alone_vs_ceiling']:.2f}** alone "
+                 f"(goal ≥ 0.95); under "
+                 f"{gpu['flood_rate']:,.0f} refusals/s served ÷ alone **{gpu['flooded_vs_alone']:.2f}** and "
+                 f"paid p99 ÷ alone **{gpu['p99_vs_alone']:.2f}** (goals, under ≥ 2,000/s: ≥ 0.95 and "
+                 f"≤ 1.2)."),
         table=gpu_rows,
         plots=[gpu_plot],
         data={"gpu": gpu, "runs": fast["gpu"], "pinning": [server_cpu, load_cpu]},
         notes=[
             f"`kiln.testing:load_fake_pipeline`, step_s {STEP_S}, {STEPS} steps, batches of {BATCH}, on the "
-            f"same server as the refusals above. The {PAID_CALLERS} callers are a second wrk on the load core "
-            "sending sync `POST /v1/images/generations` (64×64, b64_json) back to back, each its own "
+            f"same server as the refusals above. The {PAID_CALLERS} callers are a second wrk on the load "
+            "core sending sync `POST /v1/images/generations` (64×64, b64_json) back to back, each its own "
             "enterprise user: no Python load generator competes with the server.",
             "images/s is Little's law (callers ÷ mean latency) × the share of 200s; `images/s counted` "
             "(completions inside the window ÷ its length) undercounts by up to one latency per caller.",
@@ -354,12 +365,14 @@ def run(ctx: Context) -> tuple[Section, Section] | Section:
     )
     return Section(
         name="flood",
-        summary=(f"Refusals (429 + 401 mixed, 64 conns): **{mix_row['_rate']:,.0f}/s, p99 {mix_row['p99 ms']:.1f} ms** "
-                 f"(goal ≥ 3,000/s, ≤ 5 ms); reads {rate('read: GET /v1/usage'):,.0f}/s (usage) and "
+        summary=(f"Refusals (429 + 401 mixed, 64 conns): **{mix_row['_rate']:,.0f}/s, "
+                 f"p99 {mix_row['p99 ms']:.1f} ms** (goal ≥ 3,000/s, ≤ 5 ms); reads "
+                 f"{rate('read: GET /v1/usage'):,.0f}/s (usage) and "
                  f"{rate('read: GET /v1/jobs/{id}'):,.0f}/s (job) (goal ≥ 3,000/s); admissions "
                  f"{admitted('sqlite')} on SQLite and {admitted('postgres')} on PostgreSQL (goal ≥ 1,500/s). "
                  f"Refusals without Retry-After: {missing}. Per second of the server's own CPU (what a core "
-                 f"to itself would give): refusals {rate('refusals: 429 used-up quota + 401', key='_per_core'):,.0f}/s, "
+                 f"to itself would give): refusals "
+                 f"{rate('refusals: 429 used-up quota + 401', key='_per_core'):,.0f}/s, "
                  f"usage {rate('read: GET /v1/usage', key='_per_core'):,.0f}/s, admissions "
                  f"{rate('admission: POST /v1/jobs, sqlite', key='_per_core'):,.0f}/s (SQLite) and "
                  f"{rate('admission: POST /v1/jobs, postgres', key='_per_core'):,.0f}/s (PostgreSQL)."),
@@ -367,15 +380,16 @@ def run(ctx: Context) -> tuple[Section, Section] | Section:
         plots=[plot],
         data={"rows": rows, "pinning": [server_cpu, load_cpu]},
         notes=[
-            pinned_note + " The machine's 2 cores are shared with other work, so each figure is the median of "
-                          f"{1 if ctx.quick else 3} runs of {3 if ctx.quick else 10} s (range in brackets); "
+            pinned_note + " The machine's 2 cores are shared with other work, so each figure is the median "
+                          f"of {1 if ctx.quick else 3} runs of {3 if ctx.quick else 10} s (range in "
+                          "brackets); "
                           "latencies and the status mix come from the median run.",
             "`server CPU ms/req`: CPU time of all of `kiln serve`'s processes during the median run ÷ its "
             "answers, which the noise of a shared machine moves far less than requests/s (`req/s per server "
             "core` is its inverse: the rate with a whole core); `server's core "
             "share`: that CPU time ÷ the run's length (below 1 while the server is the bottleneck means "
-            "someone else had part of its core); `others' share of its core`: the core's busy time (/proc/stat) "
-            "that was not the server's, ÷ the run's length: near 0 on a quiet machine.",
+            "someone else had part of its core); `others' share of its core`: the core's busy time "
+            "(/proc/stat) that was not the server's, ÷ the run's length: near 0 on a quiet machine.",
             "`expected share`: the fraction of answers with the status the row is about (401/429 for "
             "refusals, 202 for admissions, 200 otherwise); `no Retry-After`: 429/503 answers without one.",
             f"Refusals: {SPENT_USERS} free users who used their day's images through the API first "

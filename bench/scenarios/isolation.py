@@ -93,18 +93,19 @@ def run(ctx: Context) -> Section:
                  f"while one enterprise user keeps generating. Best mode **{best[0]}**: enterprise p99 "
                  f"ratio **{best[1]:.2f}** (goal ≤ 1.3), refusal p99 **{best[2]:.1f} ms** (goal ≤ 5 ms), "
                  f"errors {best[3]} (goal 0). With the GPU-shaped worker (`both`, the same crowd, "
-                 f"{GPU_CEILING:.0f} images/s of capacity that needs no CPU) the ratio is **{_num(gpu[0])}**, "
+                 f"{GPU_CEILING:.0f} images/s of capacity that needs no CPU) the ratio is "
+                 f"**{_num(gpu[0])}**, "
                  f"refusal p99 {gpu[1]:.1f} ms, "
-                 f"errors {gpu[2]}: what is left there is what scheduling and the server cost, not the shared "
-                 f"CPU cores."),
+                 f"errors {gpu[2]}: what is left there is what scheduling and the server cost, not the "
+                 f"shared CPU cores."),
         table=rows,
         plots=[plot],
         data={"rows": rows},
         notes=[
             "The GPU-shaped row runs `kiln.testing:load_fake_pipeline` (step_s 0.05, 8 steps, batches of 8) "
-            "under the same load (one enterprise caller back to back, the same Python open-loop free crowd at "
-            f"5× the embedded model's capacity, {5 * capacity / GPU_CEILING:.1f}× the fake's); the fake sleeps "
-            "instead of computing, so the cores are left to the server and the load generator.",
+            "under the same load (one enterprise caller back to back, the same Python open-loop free crowd "
+            f"at 5× the embedded model's capacity, {5 * capacity / GPU_CEILING:.1f}× the fake's); the fake "
+            "sleeps instead of computing, so the cores are left to the server and the load generator.",
             "Latencies are measured by the client, on the same 2-core machine as the server and its "
             "worker; refusals include the client's own time.",
             "Why the ratio misses 1.3: under the flood even the fastest enterprise image takes about twice "

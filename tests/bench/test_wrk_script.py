@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from bench.harness import Wrk, WrkRequest, WrkRun, median_run, spread
 
 
