@@ -1,28 +1,35 @@
-"""What the scenarios share: the machine's description, a Kiln server in a subprocess, closed- and
-open-loop HTTP load, percentiles, and the report's sections."""
+"""What the scenarios share: the machine's description, a Kiln server in a subprocess (on SQLite or a
+throw-away PostgreSQL schema), closed- and open-loop HTTP load from Python or from wrk, percentiles,
+and the report's sections."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import platform
+import re
 import shutil
+import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import tomli_w
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = REPO / "src" / "kiln" / "embedded" / "model"
+WRK_SCRIPT = REPO / "bench" / "wrk" / "flood.lua"
+POSTGRES_URL = os.environ.get("KILN_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -121,6 +128,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pinning() -> tuple[str | None, str | None]:
+    """(server's core, load generator's core) for `taskset -c`, or (None, None) where this process may
+    use only one core (then both run unpinned and share it)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2 or not shutil.which("taskset"):
+        return None, None
+    return str(cores[0]), str(cores[1])
+
+
+def pinned(cpu: str | None, command: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *command] if cpu else command
+
+
+@contextlib.contextmanager
+def postgres_schema(base_url: str = POSTGRES_URL) -> Iterator[str]:
+    """A fresh schema on `base_url`'s database, as a URL whose search_path points at it; dropped after
+    (as tests/conftest.py does), so every run starts empty and leaves nothing behind."""
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    plain = make_url(base_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(plain, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    separator = "&" if "?" in base_url else "?"
+    try:
+        yield f"{base_url}{separator}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(plain, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
 # ------------------------------------------------------------------------------------ the server
 
 
@@ -149,6 +190,8 @@ class KilnServer:
         elif model is not None:
             config["default_model"] = "kiln-embedded"
             config["models"] = {"kiln-embedded": {"path": str(model)}}
+        import tomli_w  # the bench extra's; imported here so `make test` can import this module without it
+
         self.config = self.dir / "kiln.toml"
         self.config.write_text(tomli_w.dumps(config))
         self.process: subprocess.Popen[bytes] | None = None
@@ -194,10 +237,11 @@ class KilnServer:
         self.kiln("db", "upgrade")
         command = [sys.executable, "-m", "kiln", "--config", str(self.config), "serve", "--port",
                    str(self.port)]
-        if self.cpu:
-            command = ["taskset", "-c", self.cpu, *command]
+        command = pinned(self.cpu, command)
         self.log = open(self.dir / "server.log", "wb")  # noqa: SIM115
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=self._env())
+        # A session of its own, so that whatever processes `kiln serve` starts can be swept on exit.
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=self._env(),
+                                        start_new_session=True)
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -210,6 +254,13 @@ class KilnServer:
             time.sleep(0.3)
         raise RuntimeError("kiln serve did not become ready")
 
+    def cpu_s(self) -> tuple[float, float]:
+        """(CPU seconds of the server's live processes, busy seconds of the core it is pinned to) so far:
+        what each request cost the server, and how much of its core other work took."""
+        if self.process is None:
+            return 0.0, 0.0
+        return session_cpu_s(self.process.pid), core_busy_s(self.cpu) if self.cpu else 0.0
+
     def __exit__(self, *_: object) -> None:
         if self.process is not None:
             self.process.terminate()
@@ -217,8 +268,41 @@ class KilnServer:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # children that outlived their parent
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def session_cpu_s(sid: int) -> float:
+    """utime + stime of every live process in session `sid` (a process's own figure includes its
+    threads that have ended, which per-thread counters would lose), plus what the leader reaped."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # ended while we looked
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, session, …
+        if int(fields[3]) != sid:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+        if int(entry.name) == sid:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return total / tick
+
+
+def core_busy_s(cpu: str) -> float:
+    """Seconds core `cpu` has been busy (anything but idle and iowait) since boot, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name == f"cpu{cpu}":
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(t) for t in ticks[:8])
+            return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -289,3 +373,160 @@ def throughput(results: list[Result], images_per_request: int = 1) -> float:
         return 0.0
     span = max(r.started_s + r.latency_s for r in done) - min(r.started_s for r in done)
     return len(done) * images_per_request / span if span > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------------- wrk
+
+
+@dataclass(frozen=True)
+class WrkRequest:
+    """One line of bench/wrk/flood.lua's spec file. key: a bearer key, `-` for none, `@random` for a
+    fresh random one per request."""
+
+    method: str
+    path: str
+    key: str = "-"
+    body: str = ""
+
+    def line(self) -> str:
+        for part in (self.method, self.path, self.key, self.body):
+            if "\t" in part or "\n" in part:
+                raise ValueError(f"tab or newline in a wrk request field: {part!r}")
+        return "\t".join((self.method, self.path, self.key, self.body))
+
+
+@dataclass
+class WrkRun:
+    """What one wrk run reports through flood.lua's summary line."""
+
+    requests: int
+    duration_s: float
+    connections: int
+    status: dict[int, int]
+    retry_after_missing: int
+    quota_exceeded: int
+    errors: dict[str, int]
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+    server_cpu_s: float | None = None
+    """CPU the server's processes used during the run, where the caller measured it."""
+    others_on_core_s: float | None = None
+    """Busy time of the server's core during the run that was not the server's (other work's)."""
+
+    @classmethod
+    def parse(cls, stdout: str, connections: int) -> WrkRun:
+        match = re.search(r"^KILN (\{.*\})$", stdout, re.MULTILINE)
+        if not match:
+            raise RuntimeError(f"no summary line from wrk: {stdout[-500:]!r}")
+        raw = json.loads(match[1])
+        lat = raw["latency_us"]
+        return cls(
+            requests=raw["requests"], duration_s=raw["duration_us"] / 1e6, connections=connections,
+            status={int(k): v for k, v in raw["status"].items()},
+            retry_after_missing=raw["retry_after_missing"], quota_exceeded=raw["quota_exceeded"],
+            errors=raw["errors"], p50_ms=lat["p50"] / 1000, p90_ms=lat["p90"] / 1000,
+            p99_ms=lat["p99"] / 1000, max_ms=lat["max"] / 1000, mean_ms=lat["mean"] / 1000,
+        )
+
+    @property
+    def rate(self) -> float:
+        """Answers per second, whatever their status."""
+        return self.requests / self.duration_s if self.duration_s else 0.0
+
+    def rate_of(self, *statuses: int) -> float:
+        return sum(self.status.get(s, 0) for s in statuses) / self.duration_s if self.duration_s else 0.0
+
+    def share(self, *statuses: int) -> float:
+        return sum(self.status.get(s, 0) for s in statuses) / self.requests if self.requests else 0.0
+
+    def closed_loop_rate(self, *statuses: int) -> float:
+        """Answers of `statuses` per second by Little's law (connections ÷ mean latency): each connection
+        is a caller that asks again at once, so this holds without the edge effect of counting only what
+        finished inside the window (up to a whole latency per caller: 5 % of a 15 s run at 0.8 s)."""
+        if not self.mean_ms:
+            return 0.0
+        return self.connections / (self.mean_ms / 1000) * (self.share(*statuses) if statuses else 1.0)
+
+    @property
+    def cpu_ms_per_request(self) -> float | None:
+        if self.server_cpu_s is None or not self.requests:
+            return None
+        return self.server_cpu_s / self.requests * 1000
+
+    @property
+    def per_core_s(self) -> float | None:
+        """Answers per second of the server's CPU: its rate were it to have a whole core to itself."""
+        return self.requests / self.server_cpu_s if self.server_cpu_s else None
+
+    @property
+    def core_share(self) -> float | None:
+        """Fraction of one core the server used while wrk ran (< 1 on a saturated server means others
+        took the rest of its core)."""
+        if self.server_cpu_s is None or not self.duration_s:
+            return None
+        return self.server_cpu_s / self.duration_s
+
+    @property
+    def others_share(self) -> float | None:
+        """Fraction of the server's core that other work took during the run (0 on a quiet machine)."""
+        if self.others_on_core_s is None or not self.duration_s:
+            return None
+        return max(0.0, self.others_on_core_s / self.duration_s)
+
+    def mix(self) -> str:
+        return " ".join(f"{s}:{n}" for s, n in sorted(self.status.items()))
+
+
+class Wrk:
+    """One wrk run (compiled load, one thread, pinned to `cpu`) over a list of requests taken in turn."""
+
+    def __init__(self, url: str, requests: list[WrkRequest], *, connections: int, duration_s: float,
+                 cpu: str | None, folder: Path, timeout_s: float = 30.0,
+                 server: KilnServer | None = None) -> None:
+        spec = Path(tempfile.mkstemp(prefix="wrk-", suffix=".tsv", dir=folder)[1])
+        spec.write_text("\n".join(r.line() for r in requests) + "\n")
+        self.connections = connections
+        self.command = pinned(cpu, ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
+                                    f"--timeout={round(timeout_s)}s", "-s", str(WRK_SCRIPT), url, "--",
+                                    str(spec)])
+        self.process: subprocess.Popen[str] | None = None
+        self.server, self.cpu_at_start = server, (0.0, 0.0)
+
+    def start(self) -> Wrk:
+        self.cpu_at_start = self.server.cpu_s() if self.server else (0.0, 0.0)
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True)
+        return self
+
+    def result(self) -> WrkRun:
+        assert self.process is not None
+        stdout, _ = self.process.communicate()
+        run = WrkRun.parse(stdout, self.connections)
+        if self.server:
+            ran, busy = self.server.cpu_s()
+            run.server_cpu_s = ran - self.cpu_at_start[0]
+            if self.server.cpu:
+                run.others_on_core_s = (busy - self.cpu_at_start[1]) - run.server_cpu_s
+        return run
+
+    def run(self) -> WrkRun:
+        return self.start().result()
+
+
+def median_run(runs: list[WrkRun], key: str = "rate") -> WrkRun:
+    """The run whose `key` is the median (the lower middle one for an even count), so its latencies
+    and mix come from the same run as its rate."""
+    ordered = sorted(runs, key=lambda r: getattr(r, key))
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def spread(values: list[float]) -> str:
+    """`median (min–max)` of repeated measurements, for a report's table."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:,.0f}"
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}–{max(values):,.0f})"
