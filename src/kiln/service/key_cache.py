@@ -117,8 +117,9 @@ class KeyCache:
         self._known[key_hash] = _Entry(None, self._monotonic(), entry.prefix if entry else "")
 
     def forget_prefix(self, prefix: str) -> None:
-        """A key revoked through this process (known by its prefix): refused at once."""
-        for key_hash in [h for h, e in self._known.items() if e.prefix == prefix]:
+        """A key revoked through this process (known by its prefix): refused at once. Safe from the
+        thread pool (the web UI's handlers): the scan copies the entries first."""
+        for key_hash in [h for h, e in list(self._known.items()) if e.prefix == prefix]:
             self.forget(key_hash)
 
     async def _catch_up(self) -> None:

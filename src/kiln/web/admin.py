@@ -179,4 +179,5 @@ def revoke_key(request: Request, _: AdminForm, prefix: str) -> Response:
         info = accounts.revoke_key(request.app.state.kiln.db, prefix)
     except KilnError as exc:
         return _flash(request, exc.message, "#keys")
+    request.app.state.kiln.keys.forget_prefix(info.prefix)  # refused here at once, elsewhere within 1 s
     return _flash(request, f"Revoked {info.user_name}'s key {info.prefix}….", "#keys")

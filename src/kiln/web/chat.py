@@ -134,4 +134,5 @@ def revoke_key(request: Request, prefix: str, csrf_token: Annotated[str, Form()]
         info = accounts.revoke_key(request.app.state.kiln.db, prefix, user_id=account.user_id)
     except KilnError as exc:
         return _keys(request, account, error=exc.message)
+    request.app.state.kiln.keys.forget_prefix(info.prefix)  # refused here at once, elsewhere within 1 s
     return _keys(request, account, notice=f"Key {info.prefix}… revoked.")
