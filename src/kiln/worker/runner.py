@@ -4,12 +4,15 @@ pipeline's own `callback_on_step_end` / `interrupt` hooks, resizing to the reque
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from PIL import Image
 
+from kiln.worker.previews import preview_pngs
 from kiln.worker.registry import ModelInfo, ModelRegistry
 from kiln.worker.requests import BatchSpec, GenerationRequest, StepProgress
 
@@ -22,15 +25,18 @@ class Cancelled(Exception):
 
 
 def native_dims(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
-    """The size the model draws at for a requested size: its native side on the short edge."""
-    if max(width, height) <= info.native_size:
-        return _round8(width), _round8(height)
+    """The size the model draws at for a requested size: as asked where it draws that natively (and
+    up to its native side), else its native side on the short edge; multiples of its latent factor."""
+    factor = info.latent_factor
+    if max(width, height) <= info.native_size or info.draws_natively(width, height):
+        return _round(width, factor), _round(height, factor)
     scale = info.native_size / min(width, height)
-    return _round8(width * scale), _round8(height * scale)
+    return _round(width * scale, factor), _round(height * scale, factor)
 
 
-def _round8(value: float) -> int:
-    return max(8, int(round(value / 8)) * 8)
+def _round(value: float, factor: int) -> int:
+    step = max(8, factor)
+    return max(step, int(round(value / step)) * step)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -64,36 +70,55 @@ def run_batch(
             negatives.append(request.negative_prompt)
             generators.append(torch.Generator("cpu").manual_seed(request.seed + i))
             owners.append(request.request_id)
+    first: dict[str, int] = {}
+    for index, owner in enumerate(owners):
+        first.setdefault(owner, index)
 
     interrupted = False
 
-    def step_end(pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def on_step(pipeline: Any, step: int, latents: Any) -> None:
         nonlocal interrupted
+        if interrupted:  # a pipeline that does not honour `interrupt` stops here, between steps
+            raise Cancelled()
         if should_cancel is not None and should_cancel():
             pipeline._interrupt = True  # diffusers' documented way to stop between steps
             interrupted = True
         if on_progress is not None:
             previews: dict[str, bytes] = {}
-            if preview_every and (step + 1) % preview_every == 0 and "latents" in kwargs:
-                previews = _previews(pipeline, kwargs["latents"], owners)
+            if preview_every and (step + 1) % preview_every == 0 and latents is not None:
+                previews = preview_pngs(pipeline, info, latents, first, gen_w, gen_h)
             on_progress(StepProgress(step=step + 1, total=spec.steps, previews=previews))
+
+    def step_end(pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        on_step(pipeline, step, kwargs.get("latents"))
         return {}
+
+    def legacy_step(step: int, _timestep: Any, latents: Any) -> None:  # PixArt's `callback`
+        on_step(pipe, step, latents)
 
     call: dict[str, Any] = dict(
         prompt=prompts,
-        negative_prompt=negatives if any(negatives) else None,
         num_inference_steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
         generator=generators,
         callback_on_step_end=step_end,
+        callback=legacy_step,
+        callback_steps=1,
         output_type="pil",
+        use_resolution_binning=False,  # Kiln picks the size; Sana/PixArt would snap it to their bins
+        clean_caption=False,  # needs bs4 + ftfy, which Kiln does not ship
     )
+    call.update(guidance_inputs(pipe, spec.guidance_scale, negatives))
     if spec.task == "generate":
         call.update(height=gen_h, width=gen_w)
     else:
         call.update(_edit_inputs(requests, gen_w, gen_h))
         if spec.task == "inpaint":
             call.update(height=gen_h, width=gen_w)
+    accepted = call_parameters(pipe)
+    if accepted is None or "callback_on_step_end" in accepted:
+        call = {k: v for k, v in call.items() if k not in ("callback", "callback_steps")}
+    if accepted is not None:
+        call = {k: v for k, v in call.items() if k in accepted}
     with torch.inference_mode():
         result = pipe(**call)
     if interrupted:
@@ -104,6 +129,39 @@ def run_batch(
             image = image.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
         images[owner].append(image)
     return images
+
+
+def call_parameters(pipe: Any) -> set[str] | None:
+    """The keyword arguments the pipeline's __call__ names, which are all Kiln passes it; None for a
+    non-diffusers pipeline that takes any keyword (fakes, custom loaders)."""
+    return _named_parameters(type(pipe))
+
+
+@functools.cache
+def _named_parameters(cls: type) -> set[str] | None:
+    parameters = inspect.signature(cls.__call__).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    if open_ended and not cls.__module__.startswith("diffusers."):
+        return None
+    return {name for name, p in parameters.items() if p.kind is not p.VAR_KEYWORD and name != "self"}
+
+
+def guidance_inputs(pipe: Any, guidance_scale: float, negatives: list[str]) -> dict[str, Any]:
+    """Guidance under the pipeline's own name: Qwen-Image's true CFG (`true_cfg_scale`, which only
+    acts with a negative prompt) or `guidance_scale`; negative prompts only where accepted."""
+    accepted = call_parameters(pipe)
+    if accepted is None:
+        return {"guidance_scale": guidance_scale, "negative_prompt": negatives if any(negatives) else None}
+    out: dict[str, Any] = {}
+    if "true_cfg_scale" in accepted and type(pipe).__name__.startswith("QwenImage"):
+        out["true_cfg_scale"] = guidance_scale
+        if guidance_scale > 1 and not any(negatives):
+            negatives = [" "] * len(negatives)
+    elif "guidance_scale" in accepted:
+        out["guidance_scale"] = guidance_scale
+    if any(negatives) and "negative_prompt" in accepted:
+        out["negative_prompt"] = negatives
+    return out
 
 
 def _edit_inputs(requests: Sequence[GenerationRequest], width: int, height: int) -> dict[str, Any]:
@@ -125,20 +183,3 @@ def _edit_inputs(requests: Sequence[GenerationRequest], width: int, height: int)
     if masks:
         inputs["mask_image"] = masks
     return inputs
-
-
-def _previews(pipeline: Any, latents: Any, owners: list[str]) -> dict[str, bytes]:
-    """A small PNG of the first image of each request, decoded from the current latents."""
-    import torch
-
-    vae = getattr(pipeline, "vae", None)
-    if vae is None:
-        return {}
-    first: dict[str, int] = {}
-    for index, owner in enumerate(owners):
-        first.setdefault(owner, index)
-    with torch.inference_mode():
-        picked = latents[list(first.values())]
-        decoded = vae.decode(picked / vae.config.scaling_factor).sample
-    decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return {owner: png_bytes(Image.fromarray(decoded[i])) for i, owner in enumerate(first)}
