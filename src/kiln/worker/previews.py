@@ -141,31 +141,28 @@ def _unpack_tokens(x: Any, width: int, height: int, channels: int) -> Any:
     return x.permute(0, 3, 1, 2)
 
 
-def fit_projection(vae: Any) -> Projection:
-    """A least-squares latent → RGB map from the VAE's own encoder on 27 flat colours (one small
-    encoder pass), in the space the pipeline's latents live in (scaled, shifted)."""
-    import itertools
-
+def fit_projection(vae: Any, images: int = 4, side: int = 256, cell: int = 32) -> Projection:
+    """A least-squares latent → RGB map from the VAE's own encoder (one small encoder pass, once per
+    loaded VAE) on images of random flat-colour cells, in the space the pipeline's latents live in."""
     import torch
 
-    levels = (-0.8, 0.0, 0.8)
-    colours = torch.tensor(list(itertools.product(levels, repeat=3)))
-    side = 64
+    generator = torch.Generator().manual_seed(0)
+    cells = side // cell
+    colours = torch.rand(images, 3, cells, cells, generator=generator) * 1.6 - 0.8
+    pixels = colours.repeat_interleave(cell, 2).repeat_interleave(cell, 3)
     param = next(vae.parameters())
-    images = colours[:, :, None, None].expand(-1, -1, side, side).to(param.device, param.dtype)
     with torch.inference_mode():
-        encoded = vae.encode(images)
+        encoded = vae.encode(pixels.to(param.device, param.dtype))
         dist = getattr(encoded, "latent_dist", None)
-        latents = dist.mean if dist is not None else encoded.latent
-        if latents.ndim == 5:
-            latents = latents[:, :, 0]
-        config = vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0
-        scale = getattr(config, "scaling_factor", None) or 1.0
-        means = latents.float().mean(dim=(2, 3))
-        means = (means - shift) * scale
-    ones = torch.ones(len(colours), 1)
-    solution = torch.linalg.lstsq(torch.cat([means.cpu(), ones], dim=1), colours.float()).solution
+        latents = (dist.mean if dist is not None else encoded.latent).float().cpu()
+    if latents.ndim == 5:
+        latents = latents[:, :, 0]
+    config = vae.config
+    latents = (latents - (getattr(config, "shift_factor", None) or 0.0)) * (getattr(config, "scaling_factor", None) or 1.0)
+    target = torch.nn.functional.adaptive_avg_pool2d(pixels, latents.shape[-2:])
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    y = target.permute(0, 2, 3, 1).reshape(-1, 3)
+    solution = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1)], dim=1), y).solution
     factors = tuple(tuple(round(float(v), 5) for v in row) for row in solution[:-1])
     bias = tuple(round(float(v), 5) for v in solution[-1])
     return Projection(factors, bias)  # type: ignore[arg-type]

@@ -1,0 +1,94 @@
+"""One Kiln server for the whole session serving a tiny random-weight pipeline of every family
+(built once into a tmp dir), and an enterprise user to call it with.
+
+One worker process loads each family's pipeline on its first batch and keeps it, so the families
+share one server and one worker start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Server, free_port_socket  # tests/conftest.py
+
+from kiln.config import ModelSpec, load_settings
+from models import tiny_pipelines
+
+FAMILIES = list(tiny_pipelines.BUILDERS)
+STEPS = 3
+
+
+def model_name(family: str) -> str:
+    return f"tiny-{family}"
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny-pipelines")
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tiny_root: Path) -> dict[str, Path]:
+    """Every tiny pipeline, built once per session (a second or two for all of them)."""
+    import torch
+
+    torch.set_num_threads(2)
+    return {family: tiny_pipelines.build(family, tiny_root) for family in FAMILIES}
+
+
+def tiny_spec(family: str, path: Path, **extra: Any) -> ModelSpec:
+    native = tiny_pipelines.NATIVE_OVERRIDE.get(family)
+    return ModelSpec(path=path, steps=STEPS, native_size=native, **extra)
+
+
+@pytest.fixture(scope="session")
+def family_server(tiny_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    import uvicorn
+
+    from kiln.api.app import create_app
+    from kiln.db.migrate import upgrade
+
+    root = tmp_path_factory.mktemp("family-server")
+    database_url = f"sqlite:///{root / 'kiln.db'}"
+    upgrade(database_url)
+    models = {model_name(f): tiny_spec(f, p, sizes=["48x32"] if f == "sdxl" else []) for f, p in tiny_paths.items()}
+    settings = load_settings(
+        database_url=database_url, data_dir=root, images_dir=root / "images", models=models,
+        default_model=model_name("sd"), model_aliases={}, preview_every_steps=1, max_batch_wait_s=0.3,
+        live_settings_poll_s=0.5,
+    )
+    app = create_app(settings)
+    sock = free_port_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def serve() -> None:
+        loops.append(asyncio.get_running_loop())
+        await server.serve(sockets=[sock])
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the family server failed to start")
+        threading.Event().wait(0.02)
+    host, port = sock.getsockname()
+    yield Server(f"http://{host}:{port}", app, loops[0], server, thread)
+    server.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def family_key(family_server: Server) -> str:
+    from kiln.service import accounts
+
+    db = family_server.state.db
+    account = accounts.create_user(db, "families", "enterprise")
+    key, _ = accounts.create_key(db, account.name)
+    return key
