@@ -21,7 +21,7 @@ from kiln.config import ModelSpec, load_settings
 from models import tiny_pipelines
 
 FAMILIES = list(tiny_pipelines.BUILDERS)
-STEPS = 3
+STEPS = 2
 
 
 def model_name(family: str) -> str:
@@ -60,7 +60,7 @@ def family_server(tiny_paths: dict[str, Path], tmp_path_factory: pytest.TempPath
     models = {model_name(f): tiny_spec(f, p, sizes=["48x32"] if f == "sdxl" else []) for f, p in tiny_paths.items()}
     settings = load_settings(
         database_url=database_url, data_dir=root, images_dir=root / "images", models=models,
-        default_model=model_name("sd"), model_aliases={}, preview_every_steps=1, max_batch_wait_s=0.3,
+        default_model=model_name("sd"), model_aliases={}, preview_every_steps=1, max_batch_wait_s=0.2,
         live_settings_poll_s=0.5,
     )
     app = create_app(settings)

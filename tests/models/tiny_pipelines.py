@@ -29,13 +29,15 @@ CHAT_TEMPLATE = (
 
 def tokenizer(max_length: int = 77) -> Any:
     """A word-level tokenizer (unknown words → <unk>) in transformers' fast-tokenizer class."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(dict.fromkeys([*SPECIALS, *WORDS, *".,:;!?'\"-()"]))}
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*SPECIALS, *WORDS, *".,:;!?'\"-()", " ", "\n"]))}
     assert len(vocab) < VOCAB
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    # words, punctuation and each whitespace character are tokens (a prompt of " " is one token, as with
+    # the real BPE tokenizers Qwen-Image's negative prompt relies on)
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+|\s"), behavior="isolated")
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                   bos_token="<s>", model_max_length=max_length)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
