@@ -34,6 +34,8 @@ class Family:
     """Native pixel side for pipelines that hard-code it (Z-Image: 1024)."""
     vae_scale: int | None = None
     """VAE scale factor for pipelines that hard-code it (Lumina 2: 8)."""
+    multiple: int = 1
+    """The size multiple the pipeline's own check_inputs insists on, whatever its VAE (SD: 8, Sana: 32)."""
     edit: str | None = None
     """diffusers class built with `from_pipe` for img2img; None: the family has none."""
     inpaint: str | None = None
@@ -44,10 +46,10 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("sd", ("StableDiffusionPipeline",), 30, 7.5, denoiser="unet",
+    Family("sd", ("StableDiffusionPipeline",), 30, 7.5, denoiser="unet", multiple=8,
            edit="StableDiffusionImg2ImgPipeline", inpaint="StableDiffusionInpaintPipeline", latent="sd1",
            distilled_steps=1),
-    Family("sdxl", ("StableDiffusionXLPipeline",), 30, 5.0, denoiser="unet",
+    Family("sdxl", ("StableDiffusionXLPipeline",), 30, 5.0, denoiser="unet", multiple=8,
            edit="StableDiffusionXLImg2ImgPipeline", inpaint="StableDiffusionXLInpaintPipeline", latent="sdxl",
            distilled_steps=1),
     Family("sd3", ("StableDiffusion3Pipeline",), 28, 7.0, edit="StableDiffusion3Img2ImgPipeline",
@@ -64,11 +66,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("z-image", ("ZImagePipeline",), 28, 4.0, patch=2, fixed_native=1024,
            edit="ZImageImg2ImgPipeline", inpaint="ZImageInpaintPipeline", latent="flux",
            distilled_steps=9, distilled_guidance=0.0),
-    Family("sana", ("SanaPipeline",), 20, 4.5, latent="fit"),
-    Family("sana-sprint", ("SanaSprintPipeline",), 2, 4.5, edit="SanaSprintImg2ImgPipeline", latent="fit"),
-    Family("pixart-sigma", ("PixArtSigmaPipeline",), 20, 4.5, latent="sdxl"),
+    Family("sana", ("SanaPipeline",), 20, 4.5, multiple=32, latent="fit"),
+    Family("sana-sprint", ("SanaSprintPipeline",), 2, 4.5, multiple=32, edit="SanaSprintImg2ImgPipeline",
+           latent="fit"),
+    Family("pixart-sigma", ("PixArtSigmaPipeline",), 20, 4.5, multiple=8, latent="sdxl"),
     Family("lumina2", ("Lumina2Pipeline",), 30, 4.0, patch=2, vae_scale=8, latent="flux"),
-    Family("cogview4", ("CogView4Pipeline",), 30, 5.0, patch=2, latent="fit"),
+    Family("cogview4", ("CogView4Pipeline",), 30, 5.0, patch=2, multiple=16, latent="fit"),
 )
 BY_CLASS = {cls: family for family in FAMILIES for cls in family.classes}
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_NATIVE = 30, 7.5, 512
@@ -108,7 +111,7 @@ def read_facts(path: Path) -> ModelFacts:
     patch = family.patch if family else 1
     if family and family.name == "sd3":
         patch = int(denoiser.get("patch_size", 2))
-    latent_factor = (vae_scale or 8) * patch
+    latent_factor = max((vae_scale or 8) * patch, family.multiple if family else 8)
     native = _native(family, denoiser, vae_scale)
     distilled = _is_distilled(path, family, denoiser, index)
     if family is None:
