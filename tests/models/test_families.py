@@ -30,12 +30,13 @@ def _pipeline_native_and_factor(pipe) -> tuple[int, int]:  # type: ignore[no-unt
         denoiser = getattr(pipe, "unet", None) or pipe.transformer
         sample = denoiser.config.sample_size
     patch = 1
-    if name in ("FluxPipeline", "Flux2KleinPipeline", "QwenImagePipeline", "Lumina2Pipeline"):
+    if name in ("FluxPipeline", "Flux2KleinPipeline", "QwenImagePipeline", "Lumina2Pipeline", "ChromaPipeline"):
         patch = 2
-    elif name == "StableDiffusion3Pipeline":
-        patch = pipe.patch_size
+    elif name in ("StableDiffusion3Pipeline", "CogView4Pipeline"):
+        patch = pipe.transformer.config.patch_size
     checked = {"StableDiffusionPipeline": 8, "StableDiffusionXLPipeline": 8, "PixArtSigmaPipeline": 8,
-               "SanaPipeline": 32}.get(name, 1)  # what each pipeline's check_inputs insists on
+               "SanaPipeline": 32, "SanaSprintPipeline": 32, "CogView4Pipeline": 16,
+               }.get(name, 1)  # what each pipeline's check_inputs insists on
     return sample * vae, max(vae * patch, checked)
 
 

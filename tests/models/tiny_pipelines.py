@@ -29,7 +29,7 @@ CHAT_TEMPLATE = (
 
 def tokenizer(max_length: int = 77) -> Any:
     """A word-level tokenizer (unknown words → <unk>) in transformers' fast-tokenizer class."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(dict.fromkeys([*SPECIALS, *WORDS, *".,:;!?'\"-()", " ", "\n"]))}
@@ -38,6 +38,9 @@ def tokenizer(max_length: int = 77) -> Any:
     # words, punctuation and each whitespace character are tokens (a prompt of " " is one token, as with
     # the real BPE tokenizers Qwen-Image's negative prompt relies on)
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+|\s"), behavior="isolated")
+    # <s> … </s> around every text, so an empty prompt is two tokens (CogView4 pads what it gets to 16)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> $B </s>",
+                                                        special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                   bos_token="<s>", model_max_length=max_length)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -105,7 +108,7 @@ def sd() -> dict[str, Any]:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     return dict(cls=StableDiffusionPipeline, unet=_unet(), vae=_vae_kl(4, 0.18215), text_encoder=_clip(),
-                tokenizer=tokenizer(), scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                tokenizer=tokenizer(), scheduler=DDIMScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False)
 
 
@@ -245,11 +248,52 @@ def lumina2() -> dict[str, Any]:
                 text_encoder=_gemma2(layers=2), tokenizer=tokenizer(512), scheduler=FlowMatchEulerDiscreteScheduler())
 
 
+def chroma() -> dict[str, Any]:
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    transformer = ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           axes_dims_rope=[4, 4, 8], approximator_hidden_dim=32,
+                                           approximator_layers=1, approximator_num_channels=16)
+    return dict(cls=ChromaPipeline, transformer=transformer, vae=_vae_kl(16, 0.3611, 0.1159),
+                text_encoder=_t5().eval(), tokenizer=tokenizer(512), scheduler=FlowMatchEulerDiscreteScheduler(),
+                image_encoder=None, feature_extractor=None)
+
+
+def sana_sprint() -> dict[str, Any]:
+    from diffusers import SanaSprintPipeline, SCMScheduler
+
+    parts = sana()
+    from diffusers import SanaTransformer2DModel
+
+    parts["transformer"] = SanaTransformer2DModel(
+        patch_size=1, in_channels=32, out_channels=32, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=16, qk_norm="rms_norm_across_heads", guidance_embeds=True)
+    return {**parts, "cls": SanaSprintPipeline, "scheduler": SCMScheduler()}
+
+
+def cogview4() -> dict[str, Any]:
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import GlmConfig, GlmModel
+
+    transformer = CogView4Transformer2DModel(patch_size=2, in_channels=16, num_layers=1, attention_head_dim=4,
+                                             num_attention_heads=4, out_channels=16, text_embed_dim=32,
+                                             time_embed_dim=8, condition_dim=4, sample_size=16)
+    encoder = GlmModel(GlmConfig(hidden_size=32, intermediate_size=8, num_hidden_layers=2, num_attention_heads=4,
+                                 head_dim=8, vocab_size=VOCAB, pad_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256,
+                                                use_dynamic_shifting=True, time_shift_type="linear")
+    return dict(cls=CogView4Pipeline, transformer=transformer, vae=_vae_kl(16, 1.0), text_encoder=encoder,
+                tokenizer=tokenizer(1024), scheduler=scheduler)
+
+
 BUILDERS: dict[str, Callable[[], dict[str, Any]]] = {
     "sd": sd, "sd2": sd2, "sdxl": sdxl, "sd3": sd3, "flux": flux, "flux2": flux2, "qwen-image": qwen_image,
-    "z-image": z_image, "sana": sana, "pixart-sigma": pixart_sigma, "lumina2": lumina2,
+    "z-image": z_image, "sana": sana, "pixart-sigma": pixart_sigma, "lumina2": lumina2, "chroma": chroma,
+    "sana-sprint": sana_sprint, "cogview4": cogview4,
 }
-NATIVE_OVERRIDE = {"flux": 32, "flux2": 32, "qwen-image": 32, "z-image": 32}
+NATIVE_OVERRIDE = {"flux": 32, "flux2": 32, "qwen-image": 32, "z-image": 32, "chroma": 32}
 """Families whose pipelines hard-code a 1024-ish default: the tiny ones are served at 32 instead."""
 
 

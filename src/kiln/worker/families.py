@@ -58,8 +58,9 @@ FAMILIES: tuple[Family, ...] = (
            inpaint="FluxInpaintPipeline", latent="flux"),
     Family("flux2", ("Flux2Pipeline", "Flux2KleinPipeline"), 28, 4.0, patch=2, sample_size=128,
            latent="flux2"),
+    # diffusers 0.42.1's ChromaInpaintPipeline reads `guidance_embeds`, which Chroma's transformer lacks
     Family("chroma", ("ChromaPipeline",), 26, 4.0, patch=2, sample_size=128, edit="ChromaImg2ImgPipeline",
-           inpaint="ChromaInpaintPipeline", latent="flux"),
+           latent="flux"),
     Family("qwen-image", ("QwenImagePipeline",), 30, 4.0, patch=2, sample_size=128,
            edit="QwenImageImg2ImgPipeline", inpaint="QwenImageInpaintPipeline", latent="wan21",
            distilled_steps=8, distilled_guidance=1.0),

@@ -108,12 +108,11 @@ def run_batch(
         clean_caption=False,  # needs bs4 + ftfy, which Kiln does not ship
     )
     call.update(guidance_inputs(pipe, spec.guidance_scale, negatives))
-    if spec.task == "generate":
-        call.update(height=gen_h, width=gen_w)
-    else:
+    if spec.steps != 2:  # Sana-Sprint's SCM sampler has an intermediate timestep only at 2 steps
+        call["intermediate_timesteps"] = None
+    call.update(height=gen_h, width=gen_w)  # edits too: some img2img pipelines default to 1024 (Sana-Sprint)
+    if spec.task != "generate":
         call.update(_edit_inputs(requests, gen_w, gen_h))
-        if spec.task == "inpaint":
-            call.update(height=gen_h, width=gen_w)
     accepted = call_parameters(pipe)
     if accepted is None or "callback_on_step_end" in accepted:
         call = {k: v for k, v in call.items() if k not in ("callback", "callback_steps")}
