@@ -113,13 +113,8 @@ def run_batch(
     call.update(height=gen_h, width=gen_w)  # edits too: some img2img pipelines default to 1024 (Sana-Sprint)
     if spec.task != "generate":
         call.update(_edit_inputs(requests, gen_w, gen_h))
-    accepted = call_parameters(pipe)
-    if accepted is None or "callback_on_step_end" in accepted:
-        call = {k: v for k, v in call.items() if k not in ("callback", "callback_steps")}
-    if accepted is not None:
-        call = {k: v for k, v in call.items() if k in accepted}
     with torch.inference_mode():
-        result = pipe(**call)
+        result = pipe(**_accepted(pipe, call))
     if interrupted:
         raise Cancelled()
     images: dict[str, list[Image.Image]] = {r.request_id: [] for r in requests}
@@ -128,6 +123,17 @@ def run_batch(
             image = image.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
         images[owner].append(image)
     return images
+
+
+def _accepted(pipe: Any, call: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments this pipeline takes: the step hook it knows (`callback_on_step_end`, else
+    the legacy `callback`), and nothing its __call__ does not name."""
+    accepted = call_parameters(pipe)
+    if accepted is None or "callback_on_step_end" in accepted:
+        call = {k: v for k, v in call.items() if k not in ("callback", "callback_steps")}
+    if accepted is not None:
+        call = {k: v for k, v in call.items() if k in accepted}
+    return call
 
 
 def call_parameters(pipe: Any) -> set[str] | None:
