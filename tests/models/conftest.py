@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Server, free_port_socket  # tests/conftest.py
 
 from kiln.config import ModelSpec, load_settings
@@ -57,10 +56,18 @@ def family_server(tiny_paths: dict[str, Path], tmp_path_factory: pytest.TempPath
     root = tmp_path_factory.mktemp("family-server")
     database_url = f"sqlite:///{root / 'kiln.db'}"
     upgrade(database_url)
-    models = {model_name(f): tiny_spec(f, p, sizes=["48x32"] if f == "sdxl" else []) for f, p in tiny_paths.items()}
+    models = {
+        model_name(f): tiny_spec(f, p, sizes=["48x32"] if f == "sdxl" else []) for f, p in tiny_paths.items()
+    }
     settings = load_settings(
-        database_url=database_url, data_dir=root, images_dir=root / "images", models=models,
-        default_model=model_name("sd"), model_aliases={}, preview_every_steps=1, max_batch_wait_s=0.2,
+        database_url=database_url,
+        data_dir=root,
+        images_dir=root / "images",
+        models=models,
+        default_model=model_name("sd"),
+        model_aliases={},
+        preview_every_steps=1,
+        max_batch_wait_s=0.2,
         live_settings_poll_s=0.5,
     )
     app = create_app(settings)

@@ -30,13 +30,24 @@ def _pipeline_native_and_factor(pipe) -> tuple[int, int]:  # type: ignore[no-unt
         denoiser = getattr(pipe, "unet", None) or pipe.transformer
         sample = denoiser.config.sample_size
     patch = 1
-    if name in ("FluxPipeline", "Flux2KleinPipeline", "QwenImagePipeline", "Lumina2Pipeline", "ChromaPipeline"):
+    if name in (
+        "FluxPipeline",
+        "Flux2KleinPipeline",
+        "QwenImagePipeline",
+        "Lumina2Pipeline",
+        "ChromaPipeline",
+    ):
         patch = 2
     elif name in ("StableDiffusion3Pipeline", "CogView4Pipeline"):
         patch = pipe.transformer.config.patch_size
-    checked = {"StableDiffusionPipeline": 8, "StableDiffusionXLPipeline": 8, "PixArtSigmaPipeline": 8,
-               "SanaPipeline": 32, "SanaSprintPipeline": 32, "CogView4Pipeline": 16,
-               }.get(name, 1)  # what each pipeline's check_inputs insists on
+    checked = {
+        "StableDiffusionPipeline": 8,
+        "StableDiffusionXLPipeline": 8,
+        "PixArtSigmaPipeline": 8,
+        "SanaPipeline": 32,
+        "SanaSprintPipeline": 32,
+        "CogView4Pipeline": 16,
+    }.get(name, 1)  # what each pipeline's check_inputs insists on
     return sample * vae, max(vae * patch, checked)
 
 
@@ -133,6 +144,10 @@ def test_extra_sizes_must_be_ones_the_model_draws(tiny_paths) -> None:
 
 def test_families_without_edit_pipelines_do_not_offer_edits(tiny_paths) -> None:
     assert read_model_info("p", ModelSpec(path=tiny_paths["pixart-sigma"])).tasks == ("generate",)
-    assert read_model_info("q", ModelSpec(path=tiny_paths["qwen-image"])).tasks == ("generate", "edit", "inpaint")
+    assert read_model_info("q", ModelSpec(path=tiny_paths["qwen-image"])).tasks == (
+        "generate",
+        "edit",
+        "inpaint",
+    )
     forced = read_model_info("p", ModelSpec(path=tiny_paths["sd"], inpaint=False))
     assert forced.tasks == ("generate", "edit")

@@ -34,13 +34,15 @@ def _same(a: bytes, b: bytes) -> bool:
 
 def _batched_images(http: httpx.Client) -> float:
     text = http.get("/metrics").text
-    match = re.search(r"^kiln_batch_images_sum (\S+)$", text, re.M)
+    match = re.search(r"^kiln_batch_images_sum (\S+)$", text, re.MULTILINE)
     return float(match[1]) if match else 0.0
 
 
 def _generate(http: httpx.Client, model: str, prompt: str, n: int, seed: int) -> list[bytes]:
-    response = http.post("/v1/images/generations", json={"model": model, "prompt": prompt, "n": n, "seed": seed,
-                                                         "size": "auto"})
+    response = http.post(
+        "/v1/images/generations",
+        json={"model": model, "prompt": prompt, "n": n, "seed": seed, "size": "auto"},
+    )
     assert response.status_code == 200, response.text
     return [_pixels(item["b64_json"]) for item in response.json()["data"]]
 
@@ -63,7 +65,7 @@ def test_n_images_with_seeds_that_reproduce_alone_and_batched(family_server, fam
         assert all(_same(a, b) for a, b in zip(again_images, first, strict=True))
         assert not any(_same(other_images[0], image) for image in first)
         assert _batched_images(http) - batched_before == 3
-        assert "kiln_batch_images_bucket{le=\"3.0\"}" in http.get("/metrics").text
+        assert 'kiln_batch_images_bucket{le="3.0"}' in http.get("/metrics").text
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -99,8 +101,11 @@ def test_edits_where_the_family_has_them_and_a_400_naming_the_model_where_not(
         mask.save(buffer, "PNG")
         files["mask"] = ("mask.png", buffer.getvalue(), "image/png")
     with family_server.client(family_key) as http:
-        response = http.post("/v1/images/edits", files=files,
-                             data={"model": model, "prompt": "make it blue", "n": "2", "seed": "3"})
+        response = http.post(
+            "/v1/images/edits",
+            files=files,
+            data={"model": model, "prompt": "make it blue", "n": "2", "seed": "3"},
+        )
     if family in (INPAINT if task == "inpaint" else EDIT):
         assert response.status_code == 200, response.text
         images = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in response.json()["data"]]
@@ -111,19 +116,24 @@ def test_edits_where_the_family_has_them_and_a_400_naming_the_model_where_not(
     assert model in error["message"] and error["param"] == ("mask" if task == "inpaint" else "image")
 
 
-def test_a_size_the_model_cannot_draw_is_a_400_naming_it_and_extra_sizes_are_drawn(family_server,
-                                                                                  family_key) -> None:
+def test_a_size_the_model_cannot_draw_is_a_400_naming_it_and_extra_sizes_are_drawn(
+    family_server, family_key
+) -> None:
     with family_server.client(family_key) as http:
-        refused = http.post("/v1/images/generations", json={"model": model_name("sd"), "prompt": "p",
-                                                            "size": "48x32"})
+        refused = http.post(
+            "/v1/images/generations", json={"model": model_name("sd"), "prompt": "p", "size": "48x32"}
+        )
         assert refused.status_code == 400
         error = refused.json()["error"]
         assert error["param"] == "size" and "tiny-sd" in error["message"]
-        drawn = http.post("/v1/images/generations", json={"model": model_name("sdxl"), "prompt": "p",
-                                                          "size": "48x32"})  # the operator allowed it
+        drawn = http.post(
+            "/v1/images/generations", json={"model": model_name("sdxl"), "prompt": "p", "size": "48x32"}
+        )  # the operator allowed it
         assert drawn.status_code == 200, drawn.text
         image = Image.open(io.BytesIO(base64.b64decode(drawn.json()["data"][0]["b64_json"])))
         assert image.size == (48, 32)
-        openai_size = http.post("/v1/images/generations", json={"model": model_name("flux"), "prompt": "p",
-                                                                "size": "1536x1024", "quality": "low"})
+        openai_size = http.post(
+            "/v1/images/generations",
+            json={"model": model_name("flux"), "prompt": "p", "size": "1536x1024", "quality": "low"},
+        )
         assert openai_size.status_code == 200, openai_size.text

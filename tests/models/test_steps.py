@@ -16,12 +16,12 @@ from kiln.worker.runner import Cancelled, run_batch
 from models.conftest import FAMILIES, model_name, tiny_spec
 
 
-
 @pytest.fixture(scope="module")
 def registry(tiny_paths) -> ModelRegistry:
     models = {model_name(f): tiny_spec(f, p) for f, p in tiny_paths.items()}
-    return ModelRegistry.from_settings(load_settings(models=models, default_model=model_name("sd"),
-                                                     model_aliases={}))
+    return ModelRegistry.from_settings(
+        load_settings(models=models, default_model=model_name("sd"), model_aliases={})
+    )
 
 
 class CountingDecode:
@@ -38,7 +38,7 @@ class CountingDecode:
         self.vae.decode = decode
         return self
 
-    def __exit__(self, *_: Any) -> None:
+    def __exit__(self, *_: object) -> None:
         del self.vae.decode
 
 
@@ -51,8 +51,14 @@ def test_progress_previews_and_cancel_between_steps(registry: ModelRegistry, fam
     requests = [GenerationRequest("a", "a red circle", seed=1, n=2), GenerationRequest("b", "a cat", seed=5)]
     seen: list[StepProgress] = []
     with CountingDecode(pipe.vae) as decodes, pytest.raises(Cancelled):
-        run_batch(registry, spec, requests, on_progress=seen.append, should_cancel=lambda: len(seen) >= 2,
-                  preview_every=1)
+        run_batch(
+            registry,
+            spec,
+            requests,
+            on_progress=seen.append,
+            should_cancel=lambda: len(seen) >= 2,
+            preview_every=1,
+        )
     assert [p.step for p in seen] == [1, 2, 3]  # the stop lands at the next step boundary
     assert all(p.total == 6 for p in seen)
     for progress in seen:
@@ -63,9 +69,14 @@ def test_progress_previews_and_cancel_between_steps(registry: ModelRegistry, fam
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_finished_batch_returns_every_image_at_the_requested_size(registry: ModelRegistry, family: str) -> None:
+def test_a_finished_batch_returns_every_image_at_the_requested_size(
+    registry: ModelRegistry, family: str
+) -> None:
     name = model_name(family)
     info = registry.info(name)
-    images = run_batch(registry, BatchSpec(name, 64, 32, 1, info.guidance_scale),
-                       [GenerationRequest("a", "a red circle", seed=1, n=2)])
+    images = run_batch(
+        registry,
+        BatchSpec(name, 64, 32, 1, info.guidance_scale),
+        [GenerationRequest("a", "a red circle", seed=1, n=2)],
+    )
     assert [image.size for image in images["a"]] == [(64, 32), (64, 32)]

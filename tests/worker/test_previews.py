@@ -10,7 +10,14 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from kiln.worker.previews import LATENT_FORMATS, Projection, fit_projection, preview_pngs, project, projection_for
+from kiln.worker.previews import (
+    LATENT_FORMATS,
+    Projection,
+    fit_projection,
+    preview_pngs,
+    project,
+    projection_for,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -70,9 +77,14 @@ def test_a_vae_unlike_the_published_one_gets_a_fitted_projection_once() -> None:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4,
-                        scaling_factor=0.5)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 8],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        scaling_factor=0.5,
+    )
     pipeline = SimpleNamespace(vae=vae)
     info = SimpleNamespace(name="m", latent_format="sd1", preview_factors=())
     fitted = projection_for(pipeline, info)

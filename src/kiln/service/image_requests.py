@@ -2,7 +2,8 @@
 
 Sizes are OpenAI's (1024x1024, 1536x1024, 1024x1536, auto) plus 256x256, 512x512, the model's
 native square and the extra sizes its operator allowed; `auto` is the native size. Which tasks a model
-serves (edits, inpainting) is known from its facts, so a refusal needs no worker. Quality is a fraction of the model's default steps.
+serves (edits, inpainting) is known from its facts, so a refusal needs no worker. Quality is a fraction
+of the model's default steps.
 Uploads are identified by their bytes, never their names, and measured from the header before decoding.
 """
 
@@ -50,7 +51,8 @@ def check_task(task: str, info: ModelInfo) -> None:
     """Refuse (400) an edit or inpaint the model has no pipeline for, before anything is admitted."""
     if task not in info.tasks:
         param = "mask" if task == "inpaint" else "image"
-        raise InvalidRequest(f"Model '{info.name}' does not support {TASK_NAMES.get(task, task)}.", param=param)
+        what = TASK_NAMES.get(task, task)
+        raise InvalidRequest(f"Model '{info.name}' does not support {what}.", param=param)
 
 
 def steps_for(quality: str | None, info: ModelInfo) -> int:

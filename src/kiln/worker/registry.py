@@ -192,7 +192,8 @@ def _derive_pipeline(base: Any, task: str, info: ModelInfo) -> Any:
     if named:
         factory = getattr(diffusers, named)
     else:
-        factory = diffusers.AutoPipelineForImage2Image if task == "edit" else diffusers.AutoPipelineForInpainting
+        auto = {"edit": "AutoPipelineForImage2Image", "inpaint": "AutoPipelineForInpainting"}
+        factory = getattr(diffusers, auto[task])
     pipe = factory.from_pipe(base)
     pipe.set_progress_bar_config(disable=True)
     return pipe
