@@ -8,19 +8,41 @@ share one server and one worker start.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from conftest import Server, free_port_socket  # tests/conftest.py
 
 from kiln.config import ModelSpec, load_settings
 from models import tiny_pipelines
 
 FAMILIES = list(tiny_pipelines.BUILDERS)
 STEPS = 2
+
+
+@dataclass
+class FamilyServer:
+    """A running Kiln (uvicorn in a thread) that httpx and the openai SDK talk to over TCP."""
+
+    base_url: str
+    app: Any
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.kiln
+
+    def client(self, key: str) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+    def openai(self, key: str) -> Any:
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.base_url}/v1", api_key=key, max_retries=0, timeout=120)
 
 
 def model_name(family: str) -> str:
@@ -47,7 +69,9 @@ def tiny_spec(family: str, path: Path, **extra: Any) -> ModelSpec:
 
 
 @pytest.fixture(scope="session")
-def family_server(tiny_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def family_server(
+    tiny_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FamilyServer]:
     import uvicorn
 
     from kiln.api.app import create_app
@@ -71,12 +95,12 @@ def family_server(tiny_paths: dict[str, Path], tmp_path_factory: pytest.TempPath
         live_settings_poll_s=0.5,
     )
     app = create_app(settings)
-    sock = free_port_socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
-    loops: list[asyncio.AbstractEventLoop] = []
 
     async def serve() -> None:
-        loops.append(asyncio.get_running_loop())
         await server.serve(sockets=[sock])
 
     thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
@@ -86,13 +110,13 @@ def family_server(tiny_paths: dict[str, Path], tmp_path_factory: pytest.TempPath
             raise RuntimeError("the family server failed to start")
         threading.Event().wait(0.02)
     host, port = sock.getsockname()
-    yield Server(f"http://{host}:{port}", app, loops[0], server, thread)
+    yield FamilyServer(f"http://{host}:{port}", app)
     server.should_exit = True
     thread.join(30)
 
 
 @pytest.fixture(scope="session")
-def family_key(family_server: Server) -> str:
+def family_key(family_server: FamilyServer) -> str:
     from kiln.service import accounts
 
     db = family_server.state.db

@@ -106,7 +106,7 @@ def test_distilled_checkpoints_get_few_steps_and_no_guidance(tiny_paths, tmp_pat
     dev = read_facts(tiny_paths["flux"])
     assert (dev.steps, dev.guidance_scale, dev.distilled) == (28, 3.5, False)
     turbo = _copy_configs(tiny_paths["sd"], tmp_path / "sd-turbo")
-    assert (read_facts(turbo).steps, read_facts(turbo).guidance_scale) == (1, 0.0)
+    assert (read_facts(turbo).steps, read_facts(turbo).guidance_scale) == (4, 0.0)
     klein = read_facts(tiny_paths["flux2"])  # built with is_distilled=True
     assert (klein.steps, klein.guidance_scale) == (4, 0.0)
     info = read_model_info("schnell", ModelSpec(path=schnell, steps=8, guidance_scale=1.5))

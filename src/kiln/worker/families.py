@@ -47,11 +47,9 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("sd", ("StableDiffusionPipeline",), 30, 7.5, denoiser="unet", multiple=8,
-           edit="StableDiffusionImg2ImgPipeline", inpaint="StableDiffusionInpaintPipeline", latent="sd1",
-           distilled_steps=1),
+           edit="StableDiffusionImg2ImgPipeline", inpaint="StableDiffusionInpaintPipeline", latent="sd1"),
     Family("sdxl", ("StableDiffusionXLPipeline",), 30, 5.0, denoiser="unet", multiple=8,
-           edit="StableDiffusionXLImg2ImgPipeline", inpaint="StableDiffusionXLInpaintPipeline", latent="sdxl",
-           distilled_steps=1),
+           edit="StableDiffusionXLImg2ImgPipeline", inpaint="StableDiffusionXLInpaintPipeline", latent="sdxl"),
     Family("sd3", ("StableDiffusion3Pipeline",), 28, 7.0, edit="StableDiffusion3Img2ImgPipeline",
            inpaint="StableDiffusion3InpaintPipeline", latent="sd3"),
     Family("flux", ("FluxPipeline",), 28, 3.5, patch=2, sample_size=128, edit="FluxImg2ImgPipeline",
