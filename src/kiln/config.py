@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
@@ -31,11 +31,21 @@ class ModelSpec(BaseModel):
     """Torch dtype the pipeline is loaded in. `auto`: float32 on CPU; on CUDA bfloat16 for
     transformer-denoiser families (FLUX, SD3, Qwen-Image, Sana, …) and float16 for UNet ones (SD1, SDXL)."""
     steps: int | None = Field(None, ge=1, le=200)
-    """Default denoising steps; None takes the model's own default (its kiln.json) or 30."""
+    """Default denoising steps; None takes the model's kiln.json, else its family's default (few for
+    distilled checkpoints such as FLUX.1-schnell, SD-Turbo, Sana-Sprint), else 30."""
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
-    """Default classifier-free guidance; None takes the model's own default or 7.5."""
+    """Default guidance; None takes the model's kiln.json, else its family's default (0 for distilled
+    checkpoints), else 7.5."""
     native_size: int | None = Field(None, ge=8, le=4096)
-    """Side the model draws at; larger requests are resized. None: the model's kiln.json, else 512."""
+    """Side the model draws at; larger requests are resized. None: the model's kiln.json, else its own
+    config (VAE scale × the denoiser's sample size), else 512."""
+    sizes: list[Annotated[str, Field(pattern=r"^\d{2,5}x\d{2,5}$")]] = Field(default_factory=list)
+    """Extra sizes requests may ask for, e.g. `["832x1216"]`; each must be one the model draws natively
+    (multiples of its latent factor, within half to twice its native side)."""
+    img2img: bool | None = None
+    """Serve image edits; None: when the model's family has an img2img pipeline."""
+    inpaint: bool | None = None
+    """Serve masked edits (inpainting); None: when the model's family has an inpainting pipeline."""
     loader: str = "kiln.worker.registry:load_diffusers_pipeline"
     """`module:function` that loads the pipeline; tests name a fake here, which must run in workers too."""
     options: dict[str, float | int | str] = Field(default_factory=dict)

@@ -21,21 +21,6 @@ class _Output:
     images: list[Image.Image]
 
 
-class _FakeVae:
-    """Decodes the fake's latents as they are: they already hold the picture, in [-1, 1]."""
-
-    class config:
-        scaling_factor = 1.0
-
-    def decode(self, latents: Any) -> Any:
-        return _Decoded(latents)
-
-
-@dataclass
-class _Decoded:
-    sample: Any
-
-
 def prompt_colour(prompt: str, seed: int) -> tuple[int, int, int]:
     """The colour the fake draws for a prompt and seed: deterministic, so tests can check it."""
     digest = hashlib.sha256(f"{prompt}|{seed}".encode()).digest()
@@ -49,13 +34,15 @@ class FakePipeline:
     `oom_marker` raises an out-of-memory error; one containing `crash_marker` kills the process
     (os._exit), as a segfaulting CUDA kernel would. When `crash_once_dir` is set, a crash prompt kills
     the process only the first time (a marker file remembers it). Its step callback gets `latents`
-    (8×8, fading in the final colour) that its `vae` decodes, so step previews work as with diffusers.
+    (8×8, fading in the final colour) that already hold RGB in [-1, 1]: its preview projection
+    (`latent_rgb_factors`) is the identity, so step previews work as with diffusers.
     With `oom_above` set, a call for more images than that runs out of (fake) GPU memory.
     """
 
     fail_marker = "[[fail]]"
     oom_marker = "[[oom]]"
     crash_marker = "[[crash]]"
+    latent_rgb_factors = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
     def __init__(
         self, step_s: float = 0.0, task: str = "generate", crash_once_dir: str = "", oom_above: int = 0
@@ -66,7 +53,6 @@ class FakePipeline:
         self.oom_above = oom_above
         self._interrupt = False
         self.calls: list[dict[str, Any]] = []
-        self.vae = _FakeVae()
 
     @property
     def interrupt(self) -> bool:

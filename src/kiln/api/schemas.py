@@ -30,7 +30,8 @@ class _ImageOptions(BaseModel):
     n: int | None = Field(1, ge=1, le=10)
     """Images to generate; your plan's max_n caps it."""
     size: str | None = "auto"
-    """1024x1024, 1536x1024, 1024x1536, 256x256, 512x512, the model's native square, or auto (native)."""
+    """1024x1024, 1536x1024, 1024x1536, 256x256, 512x512, the model's native square, the extra sizes its
+    operator allowed, or auto (native). A size the model cannot draw is a 400 naming the model."""
     quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = "auto"
     """Denoising steps as a share of the model's default: low ¼, medium ½, high/auto all of them."""
     output_format: Literal["png", "jpeg", "webp"] | None = "png"

@@ -1,7 +1,9 @@
 """From an Images API request to a `JobSpec`: sizes, quality → steps, seeds, and checked uploads.
 
-Sizes are OpenAI's (1024x1024, 1536x1024, 1024x1536, auto) plus 256x256, 512x512 and the model's
-native square; `auto` is the native size. Quality is a fraction of the model's default steps.
+Sizes are OpenAI's (1024x1024, 1536x1024, 1024x1536, auto) plus 256x256, 512x512, the model's
+native square and the extra sizes its operator allowed; `auto` is the native size. Which tasks a model
+serves (edits, inpainting) is known from its facts, so a refusal needs no worker. Quality is a fraction
+of the model's default steps.
 Uploads are identified by their bytes, never their names, and measured from the header before decoding.
 """
 
@@ -30,9 +32,12 @@ MAX_LORA_SCALE = 4.0
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 
 
+TASK_NAMES = {"edit": "image edits (img2img)", "inpaint": "masked edits (inpainting)"}
+
+
 def allowed_sizes(info: ModelInfo) -> list[str]:
     native = f"{info.native_size}x{info.native_size}"
-    return ["auto", *OPENAI_SIZES, *([native] if native not in OPENAI_SIZES else [])]
+    return list(dict.fromkeys(["auto", *OPENAI_SIZES, native, *info.sizes]))
 
 
 def resolve_size(size: str | None, info: ModelInfo) -> tuple[int, int]:
@@ -40,7 +45,8 @@ def resolve_size(size: str | None, info: ModelInfo) -> tuple[int, int]:
         return info.native_size, info.native_size
     if size not in allowed_sizes(info):
         raise InvalidRequest(
-            f"Invalid size '{size}'. Supported sizes: {', '.join(allowed_sizes(info))}.", param="size"
+            f"Invalid size '{size}': model '{info.name}' cannot draw it. Supported sizes: "
+            f"{', '.join(allowed_sizes(info))}.", param="size"
         )
     width, height = size.split("x")
     return int(width), int(height)
@@ -67,6 +73,14 @@ def resolve_loras(choices: list[Any] | None, info: ModelInfo) -> list[list[Any]]
             )
         picked[name] = scale
     return [[name, picked[name]] for name in sorted(picked)]
+
+
+def check_task(task: str, info: ModelInfo) -> None:
+    """Refuse (400) an edit or inpaint the model has no pipeline for, before anything is admitted."""
+    if task not in info.tasks:
+        param = "mask" if task == "inpaint" else "image"
+        what = TASK_NAMES.get(task, task)
+        raise InvalidRequest(f"Model '{info.name}' does not support {what}.", param=param)
 
 
 def steps_for(quality: str | None, info: ModelInfo) -> int:

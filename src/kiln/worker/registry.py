@@ -16,6 +16,7 @@ from kiln.config import ModelSpec, Settings
 from kiln.errors import ConfigError, ModelNotFound
 from kiln.worker import placement
 from kiln.worker.placement import Placement
+from kiln.worker import families
 
 
 @dataclass(frozen=True)
@@ -36,34 +37,80 @@ class ModelInfo:
 
     def lora_path(self, name: str) -> str | None:
         return dict(self.loras).get(name)
+    family: str | None = None
+    """Its family in kiln.worker.families (None: a pipeline Kiln does not know, or a custom loader)."""
+    latent_factor: int = 8
+    """Every size it draws is a multiple of this (VAE scale × patch size for packed latents)."""
+    sizes: tuple[str, ...] = ()
+    """Extra sizes the operator allowed (`WxH`), each drawable natively."""
+    tasks: tuple[str, ...] = ("generate", "edit", "inpaint")
+    """What it serves: generate, and edit (img2img) / inpaint where its family has the pipelines."""
+    edit_pipeline: str | None = None
+    inpaint_pipeline: str | None = None
+    """diffusers classes built from the loaded weights for edits (None: AutoPipeline picks)."""
+    latent_format: str = "fit"
+    """How step previews project its latents to RGB (kiln.worker.previews)."""
+    preview_factors: tuple[tuple[float, ...], ...] = ()
+    preview_bias: tuple[float, ...] = ()
+    """The model's own latent → RGB projection (its kiln.json), which wins over the family's."""
+
+    def draws_natively(self, width: int, height: int) -> bool:
+        """A size the model draws as asked: multiples of its latent factor, half to twice its side."""
+        low, high = self.native_size // 2, self.native_size * 2
+        return all(side % self.latent_factor == 0 and low <= side <= high for side in (width, height))
 
 
 def read_model_info(name: str, spec: ModelSpec) -> ModelInfo:
-    """Merge the spec with the model's own `kiln.json` serving defaults (if it ships one)."""
+    """Merge the spec with the model's own facts: its `kiln.json` serving defaults (if it ships one),
+    else what its configs say (families.read_facts), else Kiln's defaults."""
     defaults: dict[str, Any] = {}
     path = Path(spec.path)
+    facts: families.ModelFacts | None = None
     if spec.loader.endswith(":load_diffusers_pipeline"):
         if not (path / "model_index.json").is_file():
             raise ConfigError(f"model {name!r}: no diffusers pipeline at {path} (model_index.json missing)")
+        facts = families.read_facts(path)
         kiln_json = path / "kiln.json"
         if kiln_json.is_file():
             defaults = json.loads(kiln_json.read_text())
-    return ModelInfo(
+    native = spec.native_size or int(defaults.get("native_size") or (facts and facts.native_size)
+                                     or families.DEFAULT_NATIVE)
+    tasks = ["generate"]
+    if spec.img2img if spec.img2img is not None else (facts is None or facts.edit_pipeline is not None):
+        tasks.append("edit")
+    if spec.inpaint if spec.inpaint is not None else (facts is None or facts.inpaint_pipeline is not None):
+        tasks.append("inpaint")
+    guidance = spec.guidance_scale if spec.guidance_scale is not None else defaults.get("guidance_scale")
+    info = ModelInfo(
         name=name,
         path=str(path),
-        native_size=spec.native_size or int(defaults.get("native_size", 512)),
-        steps=spec.steps or int(defaults.get("steps", 30)),
-        guidance_scale=(
-            spec.guidance_scale
-            if spec.guidance_scale is not None
-            else float(defaults.get("guidance_scale", 7.5))
-        ),
+        native_size=native,
+        steps=spec.steps or int(defaults.get("steps") or (facts.steps if facts else families.DEFAULT_STEPS)),
+        guidance_scale=float(guidance if guidance is not None else
+                             (facts.guidance_scale if facts else families.DEFAULT_GUIDANCE)),
         dtype=spec.dtype,
         loader=spec.loader,
         options=tuple(sorted(spec.options.items())),
         placement=Placement.from_spec(spec),
         loras=tuple(sorted((lora, str(lora_path)) for lora, lora_path in spec.loras.items())),
+        family=facts.family if facts else None,
+        latent_factor=facts.latent_factor if facts else 8,
+        sizes=tuple(spec.sizes),
+        tasks=tuple(tasks),
+        edit_pipeline=facts.edit_pipeline if facts else None,
+        inpaint_pipeline=facts.inpaint_pipeline if facts else None,
+        latent_format=facts.latent_format if facts else "fit",
+        preview_factors=tuple(tuple(float(v) for v in row) for row in defaults.get("latent_rgb_factors", ())),
+        preview_bias=tuple(float(v) for v in defaults.get("latent_rgb_bias", ())),
     )
+    for size in info.sizes:
+        width, height = (int(side) for side in size.split("x"))
+        if not info.draws_natively(width, height):
+            raise ConfigError(
+                f"model {name!r} cannot draw {size}: its sizes are multiples of {info.latent_factor} "
+                f"between {native // 2} and {native * 2} pixels a side"
+            )
+    return info
 
 
 def load_diffusers_pipeline(info: ModelInfo) -> Any:
@@ -139,18 +186,24 @@ class ModelRegistry:
                     base = loader(info, **dict(info.options)) if info.options else loader(info)
                     self._pipelines[(info.name, "generate")] = base
                 if task != "generate":
-                    self._pipelines[key] = _derive_pipeline(base, task)
+                    self._pipelines[key] = _derive_pipeline(base, task, info)
             return self._pipelines[key]
 
 
-def _derive_pipeline(base: Any, task: str) -> Any:
-    """img2img and inpainting pipelines built from the loaded components (no second copy)."""
+def _derive_pipeline(base: Any, task: str, info: ModelInfo) -> Any:
+    """img2img and inpainting pipelines built from the loaded components (no second copy): the
+    family's own class when Kiln knows it (some, e.g. Chroma's, are not in diffusers' auto-mappings)."""
     derive = getattr(base, "derive", None)
     if derive is not None:  # fakes and custom pipelines that know how
         return derive(task)
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+    import diffusers
 
-    factory = AutoPipelineForImage2Image if task == "edit" else AutoPipelineForInpainting
+    named = info.edit_pipeline if task == "edit" else info.inpaint_pipeline
+    if named:
+        factory = getattr(diffusers, named)
+    else:
+        auto = {"edit": "AutoPipelineForImage2Image", "inpaint": "AutoPipelineForInpainting"}
+        factory = getattr(diffusers, auto[task])
     pipe = factory.from_pipe(base)
     pipe.set_progress_bar_config(disable=True)
     return pipe

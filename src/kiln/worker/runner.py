@@ -4,6 +4,8 @@ pipeline's own `callback_on_step_end` / `interrupt` hooks, resizing to the reque
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,6 +15,7 @@ from PIL import Image
 from kiln.worker import placement
 from kiln.worker.lora import apply_loras
 from kiln.worker.oom import run_in_chunks
+from kiln.worker.previews import preview_pngs
 from kiln.worker.registry import ModelInfo, ModelRegistry
 from kiln.worker.requests import BatchSpec, GenerationRequest, StepProgress
 
@@ -26,15 +29,18 @@ class Cancelled(Exception):
 
 
 def native_dims(info: ModelInfo, width: int, height: int) -> tuple[int, int]:
-    """The size the model draws at for a requested size: its native side on the short edge."""
-    if max(width, height) <= info.native_size:
-        return _round8(width), _round8(height)
+    """The size the model draws at for a requested size: as asked where it draws that natively (and
+    up to its native side), else its native side on the short edge; multiples of its latent factor."""
+    factor = info.latent_factor
+    if max(width, height) <= info.native_size or info.draws_natively(width, height):
+        return _round(width, factor), _round(height, factor)
     scale = info.native_size / min(width, height)
-    return _round8(width * scale), _round8(height * scale)
+    return _round(width * scale, factor), _round(height * scale, factor)
 
 
-def _round8(value: float) -> int:
-    return max(8, int(round(value / 8)) * 8)
+def _round(value: float, factor: int) -> int:
+    step = max(8, factor)
+    return max(step, int(round(value / step)) * step)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -82,42 +88,52 @@ def run_batch(
     reported = 0
 
     def call_chunk(chunk: Sequence[int], done: int) -> list[Image.Image]:
-        nonlocal interrupted
-        chunk_owners = [owners[i] for i in chunk]
+        first: dict[str, int] = {}  # each request's first image in this chunk: its preview
+        for position, index in enumerate(chunk):
+            first.setdefault(owners[index], position)
 
-        def step_end(pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        def on_step(pipeline: Any, step: int, latents: Any) -> None:
             nonlocal interrupted, reported
+            if interrupted:  # a pipeline that does not honour `interrupt` stops here, between steps
+                raise Cancelled()
             if should_cancel is not None and should_cancel():
                 pipeline._interrupt = True  # diffusers' documented way to stop between steps
                 interrupted = True
             if on_progress is not None:
                 previews: dict[str, bytes] = {}
-                if preview_every and (step + 1) % preview_every == 0 and "latents" in kwargs:
-                    previews = _previews(pipeline, kwargs["latents"], chunk_owners)
+                if preview_every and (step + 1) % preview_every == 0 and latents is not None:
+                    previews = preview_pngs(pipeline, info, latents, first, gen_w, gen_h)
                 # steps of the whole batch: a split batch's later halves carry on from the earlier ones
                 reported = max(reported, (done * spec.steps + (step + 1) * len(chunk)) // len(owners))
                 on_progress(StepProgress(step=reported, total=spec.steps, previews=previews))
+
+        def step_end(pipeline: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            on_step(pipeline, step, kwargs.get("latents"))
             return {}
+
+        def legacy_step(step: int, _timestep: Any, latents: Any) -> None:  # PixArt's `callback`
+            on_step(pipe, step, latents)
 
         call: dict[str, Any] = dict(
             prompt=[prompts[i] for i in chunk],
-            negative_prompt=[negatives[i] for i in chunk] if any(negatives) else None,
             num_inference_steps=spec.steps,
-            guidance_scale=spec.guidance_scale,
             generator=[torch.Generator(device).manual_seed(seeds[i]) for i in chunk],  # a retry starts afresh
             callback_on_step_end=step_end,
+            callback=legacy_step,
+            callback_steps=1,
             output_type="pil",
+            use_resolution_binning=False,  # Kiln picks the size; Sana/PixArt would snap it to their bins
+            clean_caption=False,  # needs bs4 + ftfy, which Kiln does not ship
         )
-        if spec.task == "generate":
-            call.update(height=gen_h, width=gen_w)
-        else:
-            call.update({name: [value[i] for i in chunk] if isinstance(value, list) else value
-                         for name, value in edits.items()})
-            if spec.task == "inpaint":
-                call.update(height=gen_h, width=gen_w)
+        call.update(guidance_inputs(pipe, spec.guidance_scale, [negatives[i] for i in chunk]))
+        if spec.steps != 2:  # Sana-Sprint's SCM sampler has an intermediate timestep only at 2 steps
+            call["intermediate_timesteps"] = None
+        call.update(height=gen_h, width=gen_w)  # edits too: some img2img pipelines default to 1024
+        call.update({name: [value[i] for i in chunk] if isinstance(value, list) else value
+                     for name, value in edits.items()})
         placement.configure_vae(pipe, info.placement, gen_w, gen_h, len(chunk))
         with torch.inference_mode():
-            result = pipe(**call)
+            result = pipe(**_accepted(pipe, call))
         if interrupted:
             raise Cancelled()
         return list(result.images)
@@ -131,6 +147,50 @@ def run_batch(
             image = image.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
         images[owner].append(image)
     return images
+
+
+def _accepted(pipe: Any, call: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments this pipeline takes: the step hook it knows (`callback_on_step_end`, else
+    the legacy `callback`), and nothing its __call__ does not name."""
+    accepted = call_parameters(pipe)
+    if accepted is None or "callback_on_step_end" in accepted:
+        call = {k: v for k, v in call.items() if k not in ("callback", "callback_steps")}
+    if accepted is not None:
+        call = {k: v for k, v in call.items() if k in accepted}
+    return call
+
+
+def call_parameters(pipe: Any) -> set[str] | None:
+    """The keyword arguments the pipeline's __call__ names, which are all Kiln passes it; None for a
+    non-diffusers pipeline that takes any keyword (fakes, custom loaders)."""
+    return _named_parameters(type(pipe))
+
+
+@functools.cache
+def _named_parameters(cls: type) -> set[str] | None:
+    parameters = inspect.signature(cls.__call__).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    if open_ended and not cls.__module__.startswith("diffusers."):
+        return None
+    return {name for name, p in parameters.items() if p.kind is not p.VAR_KEYWORD and name != "self"}
+
+
+def guidance_inputs(pipe: Any, guidance_scale: float, negatives: list[str]) -> dict[str, Any]:
+    """Guidance under the pipeline's own name: Qwen-Image's true CFG (`true_cfg_scale`, which only
+    acts with a negative prompt) or `guidance_scale`; negative prompts only where accepted."""
+    accepted = call_parameters(pipe)
+    if accepted is None:
+        return {"guidance_scale": guidance_scale, "negative_prompt": negatives if any(negatives) else None}
+    out: dict[str, Any] = {}
+    if "true_cfg_scale" in accepted and type(pipe).__name__.startswith("QwenImage"):
+        out["true_cfg_scale"] = guidance_scale
+        if guidance_scale > 1 and not any(negatives):
+            negatives = [" "] * len(negatives)
+    elif "guidance_scale" in accepted:
+        out["guidance_scale"] = guidance_scale
+    if any(negatives) and "negative_prompt" in accepted:
+        out["negative_prompt"] = negatives
+    return out
 
 
 def _edit_inputs(requests: Sequence[GenerationRequest], width: int, height: int) -> dict[str, Any]:
@@ -152,20 +212,3 @@ def _edit_inputs(requests: Sequence[GenerationRequest], width: int, height: int)
     if masks:
         inputs["mask_image"] = masks
     return inputs
-
-
-def _previews(pipeline: Any, latents: Any, owners: list[str]) -> dict[str, bytes]:
-    """A small PNG of the first image of each request, decoded from the current latents."""
-    import torch
-
-    vae = getattr(pipeline, "vae", None)
-    if vae is None:
-        return {}
-    first: dict[str, int] = {}
-    for index, owner in enumerate(owners):
-        first.setdefault(owner, index)
-    with torch.inference_mode():
-        picked = latents[list(first.values())]
-        decoded = vae.decode(picked / vae.config.scaling_factor).sample
-    decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return {owner: png_bytes(Image.fromarray(decoded[i])) for i, owner in enumerate(first)}

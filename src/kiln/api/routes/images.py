@@ -41,6 +41,7 @@ def _spec(state: AppState, body: GenerationRequest | EditRequest, kind: str, tas
     if body.background == "transparent" and body.output_format == "jpeg":
         raise InvalidRequest("A transparent background needs output_format png or webp.", param="background")
     width, height = ir.resolve_size(body.size, info)
+    ir.check_task(task, info)
     params: dict[str, Any] = {
         "task": task,
         "output_format": body.output_format or "png",
