@@ -34,16 +34,20 @@ def _same(a: bytes, b: bytes) -> bool:
 
 
 def _batched_images(http: httpx.Client, at_least: float = 0.0) -> float:
-    """Images counted in batches, from /metrics; the scheduler's series come with its next heartbeat
-    (a few times a second), so wait up to 5 s for `at_least`."""
-    deadline = time.monotonic() + 5
-    while True:
-        text = http.get("/metrics").text
-        match = re.search(r"^kiln_batch_images_sum (\S+)$", text, re.MULTILINE)
+    """Images counted in batches, from /metrics, once settled: the scheduler's series come with its
+    heartbeat (a new exposition every 0.5 s), so wait for `at_least` and then for no change over a
+    full interval (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        match = re.search(r"^kiln_batch_images_sum (\S+)$", http.get("/metrics").text, re.MULTILINE)
         value = float(match[1]) if match else 0.0
-        if value >= at_least or time.monotonic() > deadline:
+        if value != last:
+            last, since = value, time.monotonic()
+        elif value >= at_least and time.monotonic() - since > 0.75:
             return value
         time.sleep(0.05)
+    return last or 0.0
 
 
 def _generate(http: httpx.Client, model: str, prompt: str, n: int, seed: int) -> list[bytes]:
@@ -64,7 +68,7 @@ def test_n_images_with_seeds_that_reproduce_alone_and_batched(family_server, fam
     assert len(first) == 2 and not _same(first[0], first[1])  # seeds 7 and 8
     assert Image.open(io.BytesIO(base64.b64decode(alone.data[0].b64_json))).size == (SIZE, SIZE)
     with family_server.client(family_key) as http:
-        batched_before = _batched_images(http, _batched_images(http))
+        batched_before = _batched_images(http)
         with ThreadPoolExecutor(2) as pool:  # a second caller, same batch key, within the batch wait
             again = pool.submit(_generate, http, model, "a red circle", 2, 7)
             other = pool.submit(_generate, http, model, "a blue square", 1, 11)

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
@@ -90,8 +91,8 @@ async def _admit_and_wait(
     kind = "image_edit" if uploads is not None else "image_generation"
     if body.stream:
         headers = {**(await usage_headers(state, account))[1], **degraded_header(job.degraded)}
-        return StreamingResponse(_stream(state, request, account, job, body, kind), media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache"})
+        return EventSourceResponse(_stream(state, request, account, job, body, kind),
+                                   headers={**headers, "Cache-Control": "no-cache"})
     outcome = await _wait_unless_abandoned(state, request, job.id)
     if outcome is None:  # the client went away: its job must not take GPU time
         await _abandon(state, job.id)
@@ -167,14 +168,16 @@ async def _result(
     )
 
 
-def _sse(name: str, data: dict[str, Any]) -> str:
-    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+def _sse(name: str, data: dict[str, Any]) -> bytes:
+    """One event in FastAPI's own SSE framing (this route answers JSON or a stream, so it cannot be
+    a generator path operation; the framing is the same)."""
+    return format_sse_event(data_str=json.dumps(data), event=name)
 
 
 async def _stream(
     state: AppState, request: Request, account: Account, job: jobs.JobView,
     body: GenerationRequest | EditRequest, kind: str,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     """OpenAI's streaming shape: up to `partial_images` `<kind>.partial_image` events from the step
     previews, then one `<kind>.completed` per image once stored (or an `error` event)."""
     common = {"created_at": int(job.created_at.timestamp()), "background": "opaque",
