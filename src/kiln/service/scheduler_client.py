@@ -33,6 +33,18 @@ DB_POLL_S = 2.0
 """How often a waiting request checks the database too, in case an update was lost."""
 
 
+def _outcome_of_event(job_id: str, event: JobEvent | None) -> JobOutcome | None:
+    """A terminal event says what the database holds (the scheduler publishes it after the write)."""
+    if event is None or not event.terminal:
+        return None
+    if event.name == "completed":
+        return JobOutcome(job_id, "succeeded", tuple(event.data.get("image_ids", ())))
+    if event.name == "failed":
+        error = event.data.get("error") or {}
+        return JobOutcome(job_id, "failed", (), error.get("code"), error.get("message"))
+    return JobOutcome(job_id, "cancelled")
+
+
 class SchedulerAway(Exception):
     """No scheduler answered: nothing can promise when a job would run."""
 
@@ -153,24 +165,26 @@ class SchedulerClient:
         return None if log_ is None else log_.next_id - 1
 
     async def wait(self, job_id: str, timeout_s: float) -> JobOutcome:
+        """The job's outcome once it ends (from its terminal event, or its row), or its status when
+        `timeout_s` passes. A followed job costs a read only if its updates go quiet for 2 s."""
         deadline = self._monotonic() + timeout_s
         while True:
-            log_ = self.logs.get(job_id)
-            view = None
-            if log_ is None or not log_.done.is_set():
-                view = await asyncio.to_thread(jobs.get_job, self.db, job_id)
-                if view.terminal:
-                    return outcome_of(view)
             remaining = deadline - self._monotonic()
-            if log_ is not None and log_.done.is_set() or remaining <= 0:
-                return outcome_of(view or await asyncio.to_thread(jobs.get_job, self.db, job_id))
-            try:
-                if log_ is None:  # run by a process whose events we do not follow
-                    await asyncio.sleep(min(remaining, self.poll_s))
-                else:
-                    await asyncio.wait_for(log_.done.wait(), min(remaining, DB_POLL_S))
-            except TimeoutError:
-                pass
+            log_ = self.logs.get(job_id)
+            if log_ is not None:
+                if log_.done.is_set() and (outcome := _outcome_of_event(job_id, log_.last)) is not None:
+                    return outcome
+                if remaining > 0 and not log_.done.is_set():
+                    try:
+                        await asyncio.wait_for(log_.done.wait(), min(remaining, DB_POLL_S))
+                        continue
+                    except TimeoutError:
+                        pass
+            view = await asyncio.to_thread(jobs.get_job, self.db, job_id)
+            if view.terminal or remaining <= 0:
+                return outcome_of(view)
+            if log_ is None:  # run by a process whose events we do not follow
+                await asyncio.sleep(min(remaining, self.poll_s))
 
     async def events(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
         """The job's events with ids above `after`: replayed, then live, ending with the terminal one.
