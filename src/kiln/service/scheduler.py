@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import logging
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from typing import Any
 import msgspec
 from sqlalchemy.orm import Session, sessionmaker
 
+from kiln.db.models import utcnow
 from kiln.engine import (
     AsyncEngine,
     BatchKey,
@@ -184,6 +186,9 @@ class Scheduler:
             self.engine.unhold(held.request)
 
     async def submit(self, ticket: Ticket, hold_id: str = "") -> None:
+        if not hold_id:  # admitted while no scheduler answered: its row is not leased to anyone yet
+            until = utcnow() + dt.timedelta(seconds=self.lease_s)
+            await asyncio.to_thread(job_leases.lease_jobs, self.db, [ticket.job_id], self.scheduler_id, until)
         try:
             await self._enqueue(ticket)
         finally:  # the hold counts until the job itself is queued: no gap for admissions to slip in
