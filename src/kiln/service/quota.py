@@ -1,8 +1,9 @@
-"""The daily quota ledger: reserve at admission, commit when the image is stored, refund exactly once.
+"""The daily quota ledger: the quota day, usage, the refusal, and the refund that happens exactly once.
 
-Every function here runs inside the caller's write transaction (`write_transaction`: BEGIN IMMEDIATE on
-SQLite; row locks on PostgreSQL), so a reservation and the job row that owns it commit together.
-The ledger must never go below zero nor above a plan's limit: all changes are conditional UPDATEs.
+A reservation is made with the job row in the admission transaction (`job_admission.admit_group`,
+under the users' locks), and made final in the same UPDATE that marks the job succeeded
+(`jobs.store_images`). The ledger must never go below zero nor above a plan's limit: every change is
+a conditional UPDATE.
 """
 
 from __future__ import annotations
@@ -50,42 +51,6 @@ class Usage:
         return None if self.limit is None else max(0, self.limit - self.used)
 
 
-def _insert(session: Session):  # type: ignore[no-untyped-def]
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert
-
-
-def reserve(
-    session: Session, user_id: str, units: int, limit: int | None, now: dt.datetime
-) -> dt.date:
-    """Add `units` to today's row if it stays within `limit`; returns the day charged.
-
-    The day row is inserted first (no-op if present) so the conditional UPDATE always has a row to
-    lock; concurrent reservations then serialise on that row and each re-checks `used + units`.
-    """
-    day = quota_day(now)
-    insert = _insert(session)
-    session.execute(
-        insert(QuotaUsage.__table__)
-        .values(user_id=user_id, day=day, used=0)
-        .on_conflict_do_nothing(index_elements=["user_id", "day"])
-    )
-    stmt = (
-        update(QuotaUsage)
-        .where(QuotaUsage.user_id == user_id, QuotaUsage.day == day)
-        .values(used=QuotaUsage.used + units)
-        .execution_options(**_NO_SYNC)
-    )
-    if limit is not None:
-        stmt = stmt.where(QuotaUsage.used + units <= limit)
-    if session.execute(stmt).rowcount != 1:
-        raise quota_refusal(limit, now)
-    return day
-
-
 def quota_refusal(limit: int | None, now: dt.datetime) -> QuotaExceeded:
     wait_s = seconds_to_reset(now)
     return QuotaExceeded(
@@ -115,19 +80,6 @@ def refund(session: Session, job_id: str) -> bool:
         .execution_options(**_NO_SYNC)
     )
     return True
-
-
-def commit_charge(session: Session, job_id: str) -> bool:
-    """Make a job's reserved charge final (its images are stored)."""
-    return (
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.charge_state == "reserved")
-            .values(charge_state="committed")
-            .execution_options(**_NO_SYNC)
-        ).rowcount
-        == 1
-    )
 
 
 def usage(session: Session, user_id: str, plan: PlanLimits, now: dt.datetime) -> Usage:

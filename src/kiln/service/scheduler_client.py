@@ -157,9 +157,6 @@ class SchedulerClient:
         log_ = self.logs.get(job_id)
         return (None, None) if log_ is None else log_.position()
 
-    def active_jobs(self, user_id: str) -> int:
-        return self.refusals.active_jobs(user_id)
-
     def last_event_id(self, job_id: str) -> int | None:
         log_ = self.logs.finished.get(job_id)
         return None if log_ is None else log_.next_id - 1

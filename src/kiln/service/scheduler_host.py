@@ -85,7 +85,7 @@ class SchedulerHost:
         return Status(
             scheduler_id=self.scheduler.scheduler_id, started_at=self.started_at,
             workers=self.scheduler.workers, sent_at=time.time(), metrics=self._metrics,
-            stats={"queued": len(core.queue) if hasattr(core.queue, "__len__") else 0,
+            stats={"queued": len(core.queue),
                    "running_batches": len(core.running), "jobs": self.scheduler.jobs_held(),
                    "images_per_s": round(core.throughput.images_per_s, 3)},
         )

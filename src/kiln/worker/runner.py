@@ -43,12 +43,6 @@ def _round(value: float, factor: int) -> int:
     return max(step, int(round(value / step)) * step)
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def run_batch(
     registry: ModelRegistry,
     spec: BatchSpec,
