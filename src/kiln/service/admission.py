@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import functools
 from typing import Any
 
 from kiln.errors import Overloaded, QuotaExceeded, RetryLater
@@ -109,14 +110,12 @@ async def _write(
     uploads: dict[str, bytes] | None, degraded: dict | None, now: dt.datetime, decision: Decision | None = None,
 ) -> jobs.Admission:
     lease_to = state.runner.scheduler_id if decision is not None else None
-    item = await asyncio.to_thread(
+    build = functools.partial(
         jobs.admission_row, state.store, account.user_id, plan, spec, now, idempotency_key=idempotency_key,
         request_hash=digest, uploads=uploads, degraded=degraded, lease_to=lease_to,
         lease_s=state.settings.job_lease_s,
-    ) if uploads else jobs.admission_row(
-        state.store, account.user_id, plan, spec, now, idempotency_key=idempotency_key, request_hash=digest,
-        degraded=degraded, lease_to=lease_to, lease_s=state.settings.job_lease_s,
     )
+    item = await asyncio.to_thread(build) if uploads else build()  # uploads are written to the store
     try:
         admitted: Admitted = await state.admissions.admit(item)
     except QuotaExceeded:

@@ -245,21 +245,14 @@ def list_jobs(db: sessionmaker[Session], user_id: str, limit: int = 20) -> list[
         return [_view(job, _image_ids(session, job.id)) for job in jobs]
 
 
-def mark_running(db: sessionmaker[Session], job_id: str, attempt: int | None = None) -> bool:
-    """A queued job starts (its `attempt`-th start; default: one more); False if it is no longer queued."""
-    with write_transaction(db) as session:
-        return session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "queued")
-            .values(status="running", started_at=utcnow(),
-                    attempts=Job.attempts + 1 if attempt is None else attempt)
-            .execution_options(**_NO_SYNC)
-        ).rowcount == 1
+def mark_running(db: sessionmaker[Session], job_id: str, attempt: int) -> bool:
+    """A queued job starts (its `attempt`-th start); False if it is no longer queued."""
+    return job_id in mark_running_many(db, {job_id: attempt})
 
 
 def mark_running_many(db: sessionmaker[Session], attempts: dict[str, int]) -> set[str]:
-    """`mark_running` for the jobs of a batch starting together, in one transaction; returns the ids
-    that were still queued (and now run)."""
+    """Queued jobs start (each its `attempts[job_id]`-th start), the jobs of a batch together in one
+    transaction; returns the ids that were still queued (and now run)."""
     by_attempt: dict[int, list[str]] = {}
     for job_id, attempt in attempts.items():
         by_attempt.setdefault(attempt, []).append(job_id)

@@ -68,6 +68,16 @@ class Ticket(msgspec.Struct, frozen=True):
     attempts: int = 0
     relax: bool = False
 
+    @classmethod
+    def of(cls, job: Any) -> Ticket:
+        """From a `kiln.service.jobs.JobView` (the admitted row, or an adopted one)."""
+        return cls(
+            job_id=job.id, user_id=job.user_id, plan=job.plan_name, model=job.model,
+            task=job.params.get("task", "generate"), prompt=job.prompt, seed=job.seed, n=job.n,
+            width=job.width, height=job.height, steps=job.steps, guidance_scale=job.guidance_scale,
+            params=job.params, attempts=job.attempts, relax=job.relax,
+        )
+
 
 class Submit(msgspec.Struct, frozen=True, tag=True):
     ticket: Ticket

@@ -52,15 +52,6 @@ HOLD_S = 10.0
 Publish = Callable[[msgspec.Struct], None]
 
 
-def ticket_of(view: jobs.JobView) -> Ticket:
-    return Ticket(
-        job_id=view.id, user_id=view.user_id, plan=view.plan_name, model=view.model,
-        task=view.params.get("task", "generate"), prompt=view.prompt, seed=view.seed, n=view.n,
-        width=view.width, height=view.height, steps=view.steps, guidance_scale=view.guidance_scale,
-        params=view.params, attempts=view.attempts, relax=view.relax,
-    )
-
-
 class _Starts:
     """Group commit for job starts: the jobs of a batch start in the same moment, so their
     `queued → running` transitions share one transaction. Each caller awaits its own answer."""
@@ -236,7 +227,7 @@ class Scheduler:
         if adopted:
             log.info("adopted %d unfinished job(s) from the database", len(adopted))
         for view in adopted:
-            await self._enqueue(ticket_of(view))
+            await self._enqueue(Ticket.of(view))
 
     async def _keep_leases(self) -> None:
         while True:

@@ -140,13 +140,7 @@ class SchedulerClient:
     async def submit(self, view: jobs.JobView, hold_id: str = "") -> None:
         """Hand over an admitted job; its events are followed from here on."""
         self.logs.open(view.id, view.user_id)
-        ticket = Ticket(
-            job_id=view.id, user_id=view.user_id, plan=view.plan_name, model=view.model,
-            task=view.params.get("task", "generate"), prompt=view.prompt, seed=view.seed, n=view.n,
-            width=view.width, height=view.height, steps=view.steps, guidance_scale=view.guidance_scale,
-            params=view.params, attempts=view.attempts, relax=view.relax,
-        )
-        await self.link.send(Submit(ticket, hold_id))
+        await self.link.send(Submit(Ticket.of(view), hold_id))
 
     async def cancel(self, job_id: str) -> None:
         await self.link.send(Cancel(job_id))
