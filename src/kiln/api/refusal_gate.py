@@ -9,14 +9,11 @@ Idempotency-Key, which must find its earlier job) goes on to the app.
 
 from __future__ import annotations
 
-import json
-import math
-
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kiln.api.errors import error_body
-from kiln.errors import AuthenticationFailed, KilnError, Overloaded, RetryLater
-from kiln.service.admission import headers_for
+from kiln.api.errors import kiln_error_response
+from kiln.errors import AuthenticationFailed, KilnError, RetryLater
+from kiln.service.admission import headers_for, refusal_reason
 
 GATED = frozenset({("POST", "/v1/jobs"), ("POST", "/v1/images/generations"), ("POST", "/v1/images/edits")})
 
@@ -36,9 +33,9 @@ class RefusalGate:
             await self.app(scope, receive, send)
             return
         self.answered += 1
-        await _send_error(send, *refusal)
+        await kiln_error_response(refusal)(scope, receive, send)  # the one mapping of errors to HTTP
 
-    async def _refusal(self, headers: list[tuple[bytes, bytes]]) -> tuple[KilnError, dict[str, str]] | None:
+    async def _refusal(self, headers: list[tuple[bytes, bytes]]) -> KilnError | None:
         authorization = None
         for name, value in headers:
             if name == b"authorization":
@@ -51,7 +48,7 @@ class RefusalGate:
         try:
             account = await state.keys.authenticate(authorization[7:].decode("latin-1").strip())  # type: ignore[attr-defined]
         except AuthenticationFailed as refused:
-            return refused, {}
+            return refused
         plan = state.plans.peek(account.plan_name)  # type: ignore[attr-defined]
         if plan is None:
             return None
@@ -60,15 +57,7 @@ class RefusalGate:
         usage = state.refusals.usage(account.user_id, plan, now)  # type: ignore[attr-defined]
         if refusal is None or usage is None:
             return None
-        state.metrics.refused(plan.name, "overloaded" if isinstance(refusal, Overloaded) else refusal.code)  # type: ignore[attr-defined]
-        return refusal, headers_for(usage, now)
+        state.metrics.refused(plan.name, refusal_reason(refusal))  # type: ignore[attr-defined]
+        refusal.headers = headers_for(usage, now)  # type: ignore[attr-defined]
+        return refusal
 
-
-async def _send_error(send: Send, exc: KilnError, extra: dict[str, str]) -> None:
-    body = json.dumps(error_body(exc.message, exc.error_type, exc.code, exc.param)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if isinstance(exc, RetryLater):
-        headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after_s))).encode()))
-    headers += [(k.encode(), v.encode()) for k, v in extra.items()]
-    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -25,6 +25,12 @@ from kiln.service.scheduler_client import Decision, SchedulerAway
 SCHEDULER_AWAY_RETRY_S = 5.0
 
 
+def refusal_reason(exc: RetryLater) -> str:
+    """The `reason` label of `kiln_admission_refusals_total`: quota_exceeded, rate_limit_exceeded or
+    overloaded."""
+    return "overloaded" if isinstance(exc, Overloaded) else exc.code or "refused"
+
+
 def degradation_record(decision: Decision, spec: jobs.JobSpec) -> dict[str, Any] | None:
     """What admission changed, as stored in the job's `degraded` column and shown in responses."""
     if (decision.steps, decision.width, decision.height) == (spec.steps, spec.width, spec.height):
@@ -85,7 +91,7 @@ async def admit_job(
                 await state.runner.release(decision.hold_id)
             raise
     except RetryLater as exc:
-        state.metrics.refused(plan.name, "overloaded" if isinstance(exc, Overloaded) else exc.code or "refused")
+        state.metrics.refused(plan.name, refusal_reason(exc))
         if getattr(exc, "headers", None) is None:
             exc.headers = (await usage_headers(state, account))[1]  # type: ignore[attr-defined]
         raise
