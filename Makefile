@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.kiln-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test migrate bench clean chromium screenshots
+.PHONY: setup serve test migrate bench clean chromium tesseract screenshots
 
 setup: $(STAMP)
 
@@ -28,7 +28,11 @@ serve: migrate
 chromium:
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
-test: setup chromium
+# The embedded model's scorecard reads its words back with Debian's Tesseract (offline, weights packaged).
+tesseract:
+	command -v tesseract >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr)
+
+test: setup chromium tesseract
 	$(PY) -m pytest -q
 
 # The README's pictures of the web UI (docs/chat-desktop.png, docs/chat-phone.png, docs/admin.png).
