@@ -138,6 +138,7 @@ def make_engine(clock: FakeClock, executor: FakeExecutor) -> Callable[..., Engin
     def make(**config: object) -> EngineCore:
         config.setdefault("max_batch_wait_s", 0.0)
         config.setdefault("preemption", "off")
+        config.setdefault("bound_gap_s", 0.0)  # bound whatever the workers' gap (its own test says when not)
         return EngineCore(executor, EngineConfig(**config), clock=clock)  # type: ignore[arg-type]
 
     return make

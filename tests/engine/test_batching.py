@@ -3,9 +3,11 @@ max_batch_wait_s, identical seeded requests are computed once, low-priority batc
 
 from __future__ import annotations
 
-from kiln.engine import Completed
+import pytest
 
-from .conftest import KEY, job_ids, req, run_all
+from kiln.engine import Completed, EngineConfig, EngineCore
+
+from .conftest import KEY, FakeExecutor, job_ids, req, run_all
 
 
 def test_different_keys_never_share_a_batch(make_engine, executor, clock):
@@ -149,3 +151,22 @@ def test_paying_batch_takes_few_low_priority_riders_while_bounding(make_engine, 
     engine.step()
     batch = executor.only()
     assert job_ids(batch)[0] == plus.job_id and len(batch.requests) == 3  # plus + 2 free riders
+
+
+
+@pytest.mark.parametrize(("slots", "side", "first_free_batch"), [(64, 64, 8), (1, 1024, 2)])
+def test_bounding_applies_only_where_workers_free_up_rarely(clock, slots, side, first_free_batch):
+    """64 workers on small images: one frees every few ms, so free batches stay full while plus
+    waits; one worker on 1024² images (a full batch ≈ 48 s): free work rides two images at a time."""
+    executor = FakeExecutor(slots=slots)
+    key = KEY._replace(width=side, height=side, steps=30)
+    config = EngineConfig(max_batch_images=8, preemption="bound", bound_batch_images=2, max_batch_wait_s=0.0)
+    engine = EngineCore(executor, config, clock=clock)  # type: ignore[arg-type]
+    engine.add_request(req("p", "plus", key=key._replace(steps=9)))
+    for i in range(16):
+        engine.add_request(req(f"f{i}", "free", key=key))
+    engine.step()
+    if slots == 1:
+        executor.complete(executor.only().batch_id)
+        engine.step()
+    assert [len(b.requests) for b in executor.submitted][:2] == [1, first_free_batch]

@@ -38,40 +38,72 @@ class Throughput:
         self.samples += 1
 
 
+class UserTotals:
+    """Each user's queued units, and how many users hold each total: Σ min(total, cap) over users —
+    round robin's share ahead of a request — costs the distinct totals, not the users (10,000 users
+    queueing single images have a handful of distinct totals)."""
+
+    def __init__(self) -> None:
+        self.units: dict[str, float] = {}
+        self._holders: dict[float, int] = {}
+
+    def get(self, user: str, default: float = 0.0) -> float:
+        return self.units.get(user, default)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def change(self, user: str, delta: float) -> None:
+        before = self.units.get(user, 0.0)
+        after = before + delta
+        if before > 1e-9:
+            self._count(before, -1)
+        if after <= 1e-9:
+            self.units.pop(user, None)
+            return
+        self.units[user] = after
+        self._count(after, 1)
+
+    def sum_min(self, cap: float, exclude: str) -> float:
+        """Σ min(total, cap) over every user but `exclude`."""
+        total = sum(min(value, cap) * count for value, count in self._holders.items())
+        own = self.units.get(exclude)
+        return total - min(own, cap) if own is not None else total
+
+    def _count(self, value: float, step: int) -> None:
+        bucket = round(value, 6)
+        left = self._holders.get(bucket, 0) + step
+        if left:
+            self._holders[bucket] = left
+        else:
+            del self._holders[bucket]
+
+
 @dataclass
 class QueueStats:
     """Counters the engine keeps current as work enters and leaves its queues."""
 
     plan_units: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    user_units: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    user_units: dict[str, UserTotals] = field(default_factory=lambda: defaultdict(UserTotals))
     relax_units: float = 0.0
-    relax_user_units: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    relax_user_units: UserTotals = field(default_factory=UserTotals)
     weights: dict[str, float] = field(default_factory=dict)
 
     def add(self, plan: str, user: str, units: float, relax: bool) -> None:
         if relax:
             self.relax_units += units
-            self.relax_user_units[user] += units
+            self.relax_user_units.change(user, units)
             return
         self.plan_units[plan] += units
-        self.user_units[plan][user] += units
+        self.user_units[plan].change(user, units)
 
     def remove(self, plan: str, user: str, units: float, relax: bool) -> None:
         if relax:
             self.relax_units = max(0.0, self.relax_units - units)
-            left = self.relax_user_units[user] - units
-            if left <= 1e-9:
-                self.relax_user_units.pop(user, None)
-            else:
-                self.relax_user_units[user] = left
+            self.relax_user_units.change(user, -units)
             return
         self.plan_units[plan] = max(0.0, self.plan_units[plan] - units)
-        users = self.user_units[plan]
-        left = users[user] - units
-        if left <= 1e-9:
-            users.pop(user, None)
-        else:
-            users[user] = left
+        self.user_units[plan].change(user, -units)
 
     def units_ahead(self, request: EngineRequest) -> float:
         """Queued work that runs before `request` if it joined now (fair-share order, approximated:
@@ -80,11 +112,11 @@ class QueueStats:
         if request.relax:
             users = self.relax_user_units
             mine = users.get(request.user_id, 0.0) + own
-            in_relax = mine + sum(min(u, mine) for v, u in users.items() if v != request.user_id)
+            in_relax = mine + users.sum_min(mine, request.user_id)
             return sum(self.plan_units.values()) + in_relax - own
-        users = self.user_units.get(request.plan, {})
+        users = self.user_units.get(request.plan) or UserTotals()
         mine = users.get(request.user_id, 0.0) + own
-        in_plan = mine + sum(min(u, mine) for v, u in users.items() if v != request.user_id)
+        in_plan = mine + users.sum_min(mine, request.user_id)
         weight = max(float(request.weight), 1e-9)
         ahead = in_plan - own
         for plan, units in self.plan_units.items():

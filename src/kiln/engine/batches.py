@@ -23,14 +23,15 @@ class RunningBatch:
     total: int = 1
     preempting: bool = False
     cancelling: bool = False
+    units: float = field(init=False)
+    """Its items' work units (the items of a batch are fixed when it starts)."""
+
+    def __post_init__(self) -> None:
+        self.units = sum(item.units for item in self.items)
 
     @property
     def images(self) -> int:
         return sum(item.images for item in self.items)
-
-    @property
-    def units(self) -> float:
-        return sum(item.units for item in self.items)
 
     @property
     def progress(self) -> float:

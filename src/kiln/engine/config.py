@@ -27,6 +27,10 @@ class EngineConfig:
     """Most lower-weight images in one batch while bounding applies."""
     bound_window_s: float = 30.0
     """A higher-weight arrival this recent counts as 'arriving' for bounding."""
+    bound_gap_s: float = 0.25
+    """Bounding applies only where a worker frees up less often than this (a full batch's time over
+    the number of workers): with many workers better work gets one within it anyway, so
+    lower-weight work keeps its full share of the GPUs. 0: bound whatever the gap."""
     max_preemptions: int = 2
     """A request is preempted at most this often, so free work always finishes."""
     preempt_max_progress: float = 0.5

@@ -62,7 +62,9 @@ class EngineCore:
             interval_s=self.config.position_interval_s,
             metrics=metrics,
         )
-        self._former = BatchFormer(self.config, self._queues, self.limits, self.plan_caps, self.running)
+        self._former = BatchFormer(
+            self.config, self._queues, self.limits, self.plan_caps, self.running, self.throughput, self._workers
+        )
         self._updater = Updater(
             self.config,
             clock,
@@ -281,8 +283,8 @@ class EngineCore:
     # ---- bookkeeping
 
     def _emit_queued(self, request: EngineRequest, item: WorkItem) -> None:
-        guess = self._positions.guess_item(item, self._held)
-        self._jobs.emit(Queued(request.job_id, guess, self._positions.eta_guess(request)))
+        guess, wait_s = self._positions.queued_guess(item, self._held)
+        self._jobs.emit(Queued(request.job_id, guess, wait_s))
 
     def _learn_plan(self, request: EngineRequest) -> None:
         if self.queue.weights.get(request.plan) != request.weight:

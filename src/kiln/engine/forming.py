@@ -6,13 +6,15 @@ It only chooses (and takes what it chose from the queue); starting batches and e
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
+from kiln.engine.admission import Throughput
 from kiln.engine.batches import RunningBatch
 from kiln.engine.config import EngineConfig
 from kiln.engine.fairqueue import FairQueue
 from kiln.engine.limits import BatchLimits
 from kiln.engine.queues import WorkQueues
-from kiln.engine.work import WorkItem
+from kiln.engine.work import RELAX_WEIGHT, WorkItem
 
 
 class BatchFormer:
@@ -25,8 +27,12 @@ class BatchFormer:
         limits: BatchLimits,
         plan_caps: dict[str, int],
         running: dict[str, RunningBatch],
+        throughput: Throughput | None = None,
+        workers: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
+        self._throughput = throughput
+        self._workers = workers
         self._queues = queues
         self._limits = limits
         self._plan_caps = plan_caps
@@ -64,7 +70,7 @@ class BatchFormer:
         if head is None:
             return None
         cap = self._limits.cap(head.key, self.config.max_batch_images)
-        top = self._top_weight(now)
+        top = self._top_weight(now, head, cap)
         low_cap = self.config.bound_batch_images
 
         def low(item: WorkItem) -> bool:  # bounded: someone better is waiting or arriving
@@ -88,8 +94,16 @@ class BatchFormer:
                 and self._eligible(item, pending[item.plan])
             )
 
+        def plan_ok(plan: str) -> bool:  # whole plans that cannot add an image are skipped unread
+            weight = RELAX_WEIGHT if queue is self._queues.relax else queue.weights.get(plan, 1.0)
+            if top is not None and low_images >= low_cap and weight < top:
+                return False
+            plan_cap = self._plan_caps.get(plan)
+            running = self._running_images[plan] + pending[plan]
+            return plan_cap is None or running == 0 or running < plan_cap
+
         while not head.isolate and images < cap:
-            item = queue.peek(fits)
+            item = queue.peek(fits, plan_ok=plan_ok, key=head.key)
             if item is None:
                 break
             self._queues.take(item)
@@ -125,8 +139,8 @@ class BatchFormer:
         if self.config.max_batch_wait_s <= 0:
             return False
         images, oldest = 0, head.enqueued_at
-        for item in queue:
-            if item.key == head.key and not item.isolate and self._eligible(item):
+        for item in queue.with_key(head.key):
+            if not item.isolate and self._eligible(item):
                 images += item.images
                 oldest = min(oldest, item.enqueued_at)
                 if images >= cap:
@@ -144,16 +158,25 @@ class BatchFormer:
         running = self._running_images[item.plan] + pending
         return running == 0 or running + item.images <= cap
 
-    def _top_weight(self, now: float) -> float | None:
+    def _top_weight(self, now: float, head: WorkItem, cap: int) -> float | None:
         """With bounding on: the highest weight queued or arrived within bound_window_s. Work below
         it rides in a batch only up to bound_batch_images, so no batch grows long on its account."""
-        if self.config.preemption not in ("bound", "both"):
+        if self.config.preemption not in ("bound", "both") or self._worker_frees_soon(head, cap):
             return None
         weights = self._queues.normal.weights
         recent = [p for p, t in self._last_arrival.items() if now - t <= self.config.bound_window_s]
         return max(
             (weights.get(p, 1.0) for p in [*self._queues.normal.plans_waiting(), *recent]), default=None
         )
+
+    def _worker_frees_soon(self, head: WorkItem, cap: int) -> bool:
+        """Some worker is expected to free up within bound_gap_s (a full batch of this key's time,
+        spread over the workers): better work that arrives gets one that soon anyway — the normal
+        state with many workers — so nothing needs bounding and every plan keeps its full share."""
+        if self._throughput is None or self._workers is None:
+            return False
+        full_batch_s = cap * head.key.units_per_image() / max(self._throughput.units_per_s, 1e-9)
+        return full_batch_s / max(self._workers(), 1) < self.config.bound_gap_s
 
     def _weight_of(self, item: WorkItem) -> float:
         return item.weight(self._queues.normal.weights)

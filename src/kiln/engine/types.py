@@ -58,14 +58,15 @@ class EngineRequest:
     """Admission may halve the image sides when overloaded (the caller will upscale or accept it)."""
     preview_every: int = 0
     """Ask for a small preview every this many steps (0: none)."""
+    units: float = field(init=False, repr=False, compare=False)
+    """Work units (512×512 image-steps); read on every queue change, so computed once."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units", self.n * self.key.units_per_image())
 
     @property
     def images(self) -> int:
         return self.n
-
-    @property
-    def units(self) -> float:
-        return self.n * self.key.units_per_image()
 
     def identity(self) -> tuple[object, ...] | None:
         """Requests with equal identity draw identical images; None for edits (never shared)."""
