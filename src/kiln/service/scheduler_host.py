@@ -20,13 +20,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from kiln.config import Settings
 from kiln.db.engine import make_engine, make_session_factory
 from kiln.engine import EngineMetrics, build_local_engine
-from kiln.service import content_credentials
 from kiln.service.channel import SchedulerServer
 from kiln.service.messages import Status
 from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
 from kiln.service.scheduler import Scheduler
-from kiln.service.storage import ImageStore
+from kiln.service.storage import make_image_store
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +45,7 @@ class SchedulerHost:
         self.settings = settings
         self.db_engine = make_engine(settings.database_url)
         self.db = make_session_factory(self.db_engine)
-        self.store = ImageStore(
-            settings.images_dir,
-            content_credentials.ContentCredentials(settings.data_dir / "c2pa")
-            if content_credentials.available() else None,
-        )
+        self.store = make_image_store(settings)
         self.metrics_registry = CollectorRegistry()
         self.metrics = EngineMetrics(self.metrics_registry, admission=False)
         self.engine, self.executor = build_local_engine(settings, metrics=self.metrics)
