@@ -101,7 +101,7 @@ class PostgresLeadership:
 
 
 class FileLeadership:
-    """An exclusive `flock` on a file in `data_dir` (SQLite: every process is on this machine)."""
+    """An exclusive `flock` on a file beside the SQLite database (every process is on this machine)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

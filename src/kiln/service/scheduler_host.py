@@ -35,6 +35,8 @@ from kiln.service.storage import make_image_store
 log = logging.getLogger(__name__)
 
 METRICS_EVERY_S = 0.5
+LEADER_CHECK_MIN_S = 3.0
+"""The leader's re-check of its lock gets at least this long to answer before it counts as lost."""
 
 
 def scheduler_id_of(settings: Settings) -> str:
@@ -167,16 +169,32 @@ async def _run_host(host: SchedulerHost, settings: Settings, stop: asyncio.Event
     await host.start()
     log.info("scheduler %s %slistening on %s, events on %s", host.scheduler.scheduler_id,
              "active, " if leadership is not None else "", settings.scheduler_url, settings.scheduler_events_url)
+    lost = False
     try:
         if leadership is None:
             await stop.wait()
             return
         while not await _wait(stop, settings.scheduler_standby_poll_s):
-            if not await asyncio.to_thread(leadership.held):
+            if not await _still_leads(leadership, settings.scheduler_standby_poll_s):
+                lost = True
                 log.error("scheduler %s lost the leadership; stepping down", host.scheduler.scheduler_id)
                 return
     finally:
-        await host.stop()
+        try:
+            await host.stop()
+        except Exception:
+            if not lost:
+                raise
+            log.exception("stopping after the leadership was lost failed")  # the database may be away too
+
+
+async def _still_leads(leadership: Leadership, poll_s: float) -> bool:
+    """The re-check, with a deadline: a check that cannot answer (a partitioned network) is a loss,
+    so an old leader stops within seconds of the point where a standby may take over."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(leadership.held), max(LEADER_CHECK_MIN_S, 3 * poll_s))
+    except TimeoutError:
+        return False
 
 
 async def _lead_or_stand_by(settings: Settings, stop: asyncio.Event, leadership: Leadership) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import obstore
 from obstore.store import S3Store
+from pydantic import SecretStr
 
 from kiln.service.storage import GONE_MESSAGE, ImageGone, ImageStore, StoredFile, checked
 
@@ -40,8 +41,8 @@ class S3ImageStore(ImageStore):
             config["region"] = settings.s3_region
         if settings.s3_access_key_id:
             config["access_key_id"] = settings.s3_access_key_id
-        if settings.s3_secret_access_key is not None:
-            config["secret_access_key"] = settings.s3_secret_access_key.get_secret_value()
+        if (secret := settings.s3_secret_access_key) is not None:
+            config["secret_access_key"] = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
         store = S3Store.from_url(settings.image_store.rstrip("/"), config=config,
                                  client_options={**CLIENT_OPTIONS, "allow_http": settings.s3_allow_http})
         return cls(store, credentials)
