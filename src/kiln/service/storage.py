@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from kiln.errors import ImageGone, NotFound
+from kiln.errors import NotFound
 
 if TYPE_CHECKING:
     from kiln.service.content_credentials import ContentCredentials
@@ -60,7 +60,8 @@ class ImageStore(ABC):
         is not there, before any byte is sent."""
 
     def local_path(self, rel_path: str) -> Path | None:
-        """The file on this machine's disk, when the store is a directory (served with sendfile)."""
+        """The file on this machine's disk when the store is a directory (served with sendfile;
+        `ImageGone` when it is not there), None for a remote store."""
         return None
 
     async def signed_url(self, rel_path: str, expires_s: int) -> str | None:
@@ -101,6 +102,3 @@ def image_path(user_id: str, image_id: str, fmt: str) -> str:
 def upload_dir(job_id: str) -> str:
     return f"uploads/{job_id}"
 
-
-__all__ = ["GONE_MESSAGE", "ImageGone", "ImageStore", "StoredFile", "checked", "image_path",
-           "make_image_store", "upload_dir"]

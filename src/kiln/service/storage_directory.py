@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kiln.errors import NotFound
-from kiln.service.storage import GONE_MESSAGE, ImageGone, ImageStore, StoredFile, checked
+from kiln.errors import ImageGone, NotFound
+from kiln.service.storage import GONE_MESSAGE, ImageStore, StoredFile, checked
 
 if TYPE_CHECKING:
     from kiln.service.content_credentials import ContentCredentials

@@ -16,7 +16,8 @@ import obstore
 from obstore.store import S3Store
 from pydantic import SecretStr
 
-from kiln.service.storage import GONE_MESSAGE, ImageGone, ImageStore, StoredFile, checked
+from kiln.errors import ImageGone
+from kiln.service.storage import GONE_MESSAGE, ImageStore, StoredFile, checked
 
 if TYPE_CHECKING:
     from kiln.service.content_credentials import ContentCredentials
