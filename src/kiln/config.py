@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -165,9 +165,12 @@ class Settings(BaseSettings):
     (its server died) is taken over and run again by a live server."""
     scheduler_url: str = "tcp://127.0.0.1:8001"
     """Where the scheduler listens for API processes (a ZMQ address: it binds, API processes connect;
-    `tcp://0.0.0.0:8001` on the scheduler's machine, its name or address on the API machines)."""
+    `tcp://0.0.0.0:8001` on the scheduler's machine, its name or address on the API machines). API
+    processes may name several, comma-separated (an active scheduler and its standbys): they send to
+    the one whose heartbeat says it is active. A scheduler binds exactly one."""
     scheduler_events_url: str = "tcp://127.0.0.1:8002"
-    """Where the scheduler publishes job updates and its heartbeat to every API process."""
+    """Where the scheduler publishes job updates and its heartbeat to every API process
+    (comma-separated on API processes, in the order of `scheduler_url`)."""
     scheduler_id: str | None = None
     """This scheduler's name in job leases; None: the host name and `scheduler_url`'s port. A
     scheduler restarted under the same id runs what its previous life left at once."""
@@ -195,6 +198,36 @@ class Settings(BaseSettings):
     throttle_storage_url: str = Field("memory://", pattern=r"^[a-z][a-z0-9+.-]*://")
     """Where the web UI's sign-in throttle counts wrong passwords: any synchronous `limits` storage
     URI; `memory://` counts per process, `redis://host:6379/0` across every replica sharing it."""
+
+    # ---- schedulers and image store (issue 11: one active scheduler and a standby; S3 images)
+    scheduler_standby_poll_s: float = Field(1.0, gt=0, le=60)
+    """A standby scheduler (`kiln serve --role scheduler` while another holds the leadership) tries to
+    take the leadership this often; the active one re-checks that it still holds it as often."""
+    image_store: str | None = None
+    """Where images are kept: a directory, or an S3-compatible bucket `s3://bucket/prefix` (then every
+    replica serves every image); None: the `images_dir` directory."""
+    s3_endpoint_url: str | None = None
+    """The S3 API's address for a store other than AWS (MinIO, R2, Ceph…); None: AWS (or AWS_ENDPOINT_URL)."""
+    s3_region: str | None = None
+    """The bucket's region; None: AWS_REGION / AWS_DEFAULT_REGION."""
+    s3_access_key_id: str | None = None
+    """S3 access key; None: AWS_ACCESS_KEY_ID, or the machine's own credentials (instance role)."""
+    s3_secret_access_key: SecretStr | None = None
+    """S3 secret key; None: AWS_SECRET_ACCESS_KEY, or the machine's own credentials."""
+    s3_allow_http: bool = False
+    """Allow a plain-HTTP `s3_endpoint_url` (a store on a private network, tests); HTTPS otherwise."""
+    image_redirect_s: int = Field(0, ge=0, le=7 * 24 * 3600)
+    """With an S3 store, GET /v1/images/{id}/content answers with a redirect (307) to a presigned URL
+    valid this many seconds, so the bytes do not pass through Kiln; 0: Kiln streams them."""
+
+    @field_validator("image_store")
+    @classmethod
+    def _image_store_kind(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and not value.startswith("s3://"):
+            raise ValueError("image_store is a directory or s3://bucket/prefix")
+        if value is not None and value.startswith("s3://") and not value[len("s3://"):].strip("/"):
+            raise ValueError("image_store s3:// needs a bucket: s3://bucket/prefix")
+        return value
 
     @field_validator("models")
     @classmethod

@@ -7,6 +7,7 @@
     ├── AuthenticationFailed  401  invalid_api_key
     ├── NotFound              404  not_found (also for objects that are someone else's)
     │   └── ModelNotFound     404  model_not_found
+    ├── ImageGone             410  image_gone (its record is there, the image store lost the file)
     ├── PayloadTooLarge       413  payload_too_large
     ├── QuotaExceeded         429  quota_exceeded, Retry-After = seconds to the quota reset
     ├── RateLimited           429  rate_limit_exceeded (plan's concurrency cap)
@@ -58,6 +59,15 @@ class NotFound(KilnError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class ImageGone(KilnError):
+    """The image's row exists (and is the caller's) but its file is no longer in the image store
+    (deleted behind Kiln's back, or a store that was not backed up)."""
+
+    status_code = 410
+    error_type = "invalid_request_error"
+    code = "image_gone"
 
 
 class PayloadTooLarge(KilnError):

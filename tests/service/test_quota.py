@@ -13,7 +13,7 @@ from kiln.service import jobs, quota
 from kiln.service.accounts import get_user
 from kiln.service.clock import FakeClock
 from kiln.service.plans import get_plan, update_plan
-from kiln.service.storage import ImageStore
+from kiln.service.storage_directory import DirectoryImageStore
 
 
 def spec(n: int = 1, prompt: str = "a cat") -> jobs.JobSpec:
@@ -28,8 +28,8 @@ def admit(db, store, name, clock, **kwargs):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def store(tmp_path) -> ImageStore:  # type: ignore[no-untyped-def]
-    return ImageStore(tmp_path / "images")
+def store(tmp_path) -> DirectoryImageStore:  # type: ignore[no-untyped-def]
+    return DirectoryImageStore(tmp_path / "images")
 
 
 def used(db, user_id: str, clock: FakeClock) -> int:  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from kiln.service.accounts import get_user
 from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import get_plan, update_plan
 from kiln.service.scheduler import Scheduler
-from kiln.service.storage import ImageStore
+from kiln.service.storage_directory import DirectoryImageStore
 
 
 def admit(db, store, clock, prompt: str) -> str:  # type: ignore[no-untyped-def]
@@ -30,7 +30,7 @@ def admit(db, store, clock, prompt: str) -> str:  # type: ignore[no-untyped-def]
 def test_leases_decide_who_may_take_a_job(db, settings, make_user, clock) -> None:
     make_user("ann")
     update_plan(db, "free", max_concurrent=5, images_per_day=10)
-    store = ImageStore(settings.images_dir)
+    store = DirectoryImageStore(settings.images_dir)
     now = utcnow()
     live, dead, young, old = (admit(db, store, clock, p) for p in ("live", "dead", "young", "old"))
     job_leases.lease_jobs(db, [live], "live-server", now + dt.timedelta(seconds=30))
@@ -60,7 +60,7 @@ async def test_a_dead_server_s_running_job_is_adopted_and_run_again_charged_once
     from prometheus_client import CollectorRegistry
 
     ann = make_user("ann")
-    store = ImageStore(settings.images_dir)
+    store = DirectoryImageStore(settings.images_dir)
     orphan = admit(db, store, clock, "a fox")  # started by a server that then died
     job_leases.lease_jobs(db, [orphan], "dead-server", utcnow() - dt.timedelta(seconds=1))
     jobs.mark_running(db, orphan, attempt=1)

@@ -19,7 +19,6 @@ from kiln.config import Settings
 from kiln.db.engine import make_engine, make_session_factory
 from kiln.engine import AdmissionMetrics
 from kiln.looplag import LoopLagProbe
-from kiln.service import content_credentials
 from kiln.service.clock import Clock, SystemClock
 from kiln.service.job_admission import AdmissionWriter
 from kiln.service.key_cache import KeyCache
@@ -28,7 +27,7 @@ from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
 from kiln.service.refusals import Refusals
 from kiln.service.scheduler_client import SchedulerClient
-from kiln.service.storage import ImageStore
+from kiln.service.storage import ImageStore, make_image_store
 from kiln.worker.registry import ModelRegistry
 
 LOOP_LAG_INTERVAL_S = 0.02
@@ -71,11 +70,7 @@ class AppState:
             db=db,
             registry=ModelRegistry.from_settings(settings),
             clock=clock or SystemClock(),
-            store=ImageStore(
-                settings.images_dir,
-                content_credentials.ContentCredentials(settings.data_dir / "c2pa")
-                if content_credentials.available() else None,
-            ),
+            store=make_image_store(settings),
             plans=PlanCache(db, settings.live_settings_poll_s),
             moderation=Moderation(settings.moderation_blocklist),
             refusals=refusals,

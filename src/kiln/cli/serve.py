@@ -1,5 +1,6 @@
 """`kiln serve`: the API (with the web UI) and the scheduler (engine, executor, workers) as separate
-processes — both by default, or one side with `--role api` / `--role scheduler`."""
+processes — both by default, or one side with `--role api` / `--role scheduler`. Of several
+`--role scheduler` processes on one database, one is active and the others stand by."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def serve(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default 8000).")] = None,
-    role: Annotated[Role, typer.Option(help="all: API + scheduler processes; api or scheduler: one side.")]
+    role: Annotated[Role, typer.Option(
+        help="all: API + scheduler processes; api or scheduler: one side (of several schedulers on "
+             "one database, one is active, the others stand by).")]
     = Role.all,
 ) -> None:
     """Start Kiln: API + web UI, and the scheduler with its workers."""
@@ -39,7 +42,7 @@ def serve(
     if role is Role.scheduler:
         from kiln.service.scheduler_host import run_scheduler
 
-        run_scheduler(settings)
+        run_scheduler(settings, elect=True)  # one active, any others stand by
         return
     supervisor = SchedulerSupervisor(settings) if role is Role.all else None
     if supervisor is not None:

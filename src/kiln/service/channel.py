@@ -4,6 +4,10 @@ The scheduler binds a ROUTER (requests from any number of API processes, each a 
 (job updates and its heartbeat to every API process, each a SUB). TCP addresses cross machines;
 no broker or other server is needed. A request never waits on a missing scheduler for long:
 `admit` gives up after its timeout, and the API answers for itself (see `scheduler_client`).
+
+With several schedulers (one active, standbys: see `leadership`), an API process keeps a DEALER and
+a SUB per scheduler (`SchedulerLinks`) and sends to the one whose heartbeat says it is active; a
+standby binds only its PUB, publishing a heartbeat that says "standby".
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +36,7 @@ from kiln.service.messages import (
     decode_to_scheduler,
     encode,
 )
+from kiln.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +56,11 @@ class SchedulerServer:
         status: Callable[[], Status],
         status_every_s: float = 0.25,
     ) -> None:
+        if len(split_urls(control_url)) != 1 or len(split_urls(events_url)) != 1:
+            raise ConfigError("A scheduler binds one scheduler_url and one scheduler_events_url "
+                              "(lists of several are for API processes).")
         self.handler = handler
-        """The `Scheduler`: admit(), submit(), release(), cancel()."""
+        """The `Scheduler`: admit(), submit(), release(), cancel(); None for a standby's heartbeat."""
         self.control_url = control_url
         self.events_url = events_url
         self._status = status
@@ -63,17 +72,21 @@ class SchedulerServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._submits: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
+    async def start(self, *, requests: bool = True) -> None:
+        """Bind and beat. `requests=False` (a standby) binds only the PUB: requests that API
+        processes queued for this address wait in their DEALERs until it is the active one."""
         self._ctx, self._sync_ctx = zmq.asyncio.Context(), zmq.Context()
-        self._router = self._ctx.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, 0)
-        self._router.bind(self.control_url)
+        if requests:
+            self._router = self._ctx.socket(zmq.ROUTER)
+            self._router.setsockopt(zmq.LINGER, 0)
+            self._router.bind(self.control_url)
         self._pub = self._sync_ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, EVENTS_HWM)
         self._pub.bind(self.events_url)
-        self._tasks = [asyncio.create_task(self._serve(), name="kiln-scheduler-requests"),
-                       asyncio.create_task(self._beat(), name="kiln-scheduler-heartbeat")]
+        self._tasks = [asyncio.create_task(self._beat(), name="kiln-scheduler-heartbeat")]
+        if requests:
+            self._tasks.append(asyncio.create_task(self._serve(), name="kiln-scheduler-requests"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -233,3 +246,79 @@ class SchedulerLink:
                     self._on_status(message)
             except Exception:
                 log.exception("handling a scheduler update failed")
+
+
+def split_urls(value: str) -> list[str]:
+    """`tcp://a:8001, tcp://b:8001` → one address per scheduler."""
+    return [url.strip() for url in value.split(",") if url.strip()]
+
+
+class SchedulerLinks:
+    """An API process's ends to every scheduler it knows: a `SchedulerLink` each (a single DEALER
+    connected to several schedulers would deal requests round-robin, standbys included). Requests go
+    to the active one — among those whose latest heartbeat says "active" and is fresh, the one that
+    started last (an old leader that does not know it lost yet is never preferred). With none active,
+    `admit` answers None at once and `send` goes to every scheduler: a job admitted meanwhile waits in
+    each DEALER and reaches whichever becomes active. `on_status` hears the active one only."""
+
+    def __init__(
+        self,
+        control_urls: str,
+        events_urls: str,
+        *,
+        on_update: Callable[[JobUpdate], None],
+        on_status: Callable[[Status], None],
+        timeout_s: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        controls, events = split_urls(control_urls), split_urls(events_urls)
+        if not controls or len(controls) != len(events):
+            raise ConfigError("scheduler_url and scheduler_events_url must name as many schedulers, "
+                              f"in the same order (got {len(controls)} and {len(events)}).")
+        self._on_status = on_status
+        self._timeout_s = timeout_s
+        self._monotonic = monotonic
+        self._ids = itertools.count(1)
+        self.links = [
+            SchedulerLink(control, event, on_update=on_update,
+                          on_status=lambda status, index=index: self._heard(index, status))
+            for index, (control, event) in enumerate(zip(controls, events, strict=True))
+        ]
+        self.heard: list[tuple[float, Status] | None] = [None] * len(self.links)
+        """The latest heartbeat from each scheduler and when it came (this process's monotonic clock)."""
+
+    async def start(self) -> None:
+        for link in self.links:
+            await link.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(link.stop() for link in self.links))
+
+    def next_request_id(self) -> int:
+        return next(self._ids)
+
+    def active(self) -> SchedulerLink | None:
+        now = self._monotonic()
+        live = [(status.started_at, index) for index, heard in enumerate(self.heard) if heard is not None
+                for at, status in [heard] if status.role == "active" and now - at <= self._timeout_s]
+        return self.links[max(live)[1]] if live else None
+
+    def standbys(self) -> int:
+        """Schedulers heard from lately that say they are standing by."""
+        now = self._monotonic()
+        return sum(1 for heard in self.heard
+                   if heard is not None and heard[1].role == "standby" and now - heard[0] <= self._timeout_s)
+
+    async def admit(self, message: Admit, timeout_s: float) -> AdmitReply | None:
+        link = self.active()
+        return None if link is None else await link.admit(message, timeout_s)
+
+    async def send(self, message: Submit | Release | Cancel) -> None:
+        link = self.active()
+        for target in [link] if link is not None else self.links:
+            await target.send(message)
+
+    def _heard(self, index: int, status: Status) -> None:
+        self.heard[index] = (self._monotonic(), status)
+        if status.role == "active" and self.active() is self.links[index]:
+            self._on_status(status)

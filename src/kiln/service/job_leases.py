@@ -49,17 +49,21 @@ def renew_leases(db: sessionmaker[Session], holder: str, lease_s: float) -> int:
 
 
 def adopt_orphans(
-    db: sessionmaker[Session], holder: str, lease_s: float, *, own: bool = False,
+    db: sessionmaker[Session], holder: str, lease_s: float, *, own: bool = False, force: bool = False,
     now: dt.datetime | None = None, grace_s: float | None = None,
 ) -> list[JobView]:
     """Take over unfinished jobs whose holder stopped renewing its lease (a killed or stopped
     scheduler), and jobs never leased that are older than `grace_s` (default: the lease; admitted
     while no scheduler was there). With `own`, also the jobs leased to `holder` itself: a scheduler
-    restarted under the same id runs what its previous life left. They are leased to `holder`, set
-    back to queued, and returned for it to run."""
+    restarted under the same id runs what its previous life left. With `force`, every unfinished job
+    held by anyone else, live lease or not: only for the holder of the scheduler leadership, whose
+    lock proves that no other scheduler runs (`kiln.service.leadership`). They are leased to
+    `holder`, set back to queued, and returned for it to run."""
     now = now or utcnow()
     unleased_before = now - dt.timedelta(seconds=lease_s if grace_s is None else grace_s)
     orphaned = (Job.lease_expires_at < now) | (Job.lease_expires_at.is_(None) & (Job.created_at < unleased_before))
+    if force:
+        orphaned = orphaned | Job.worker_id.is_(None) | (Job.worker_id != holder)
     if own:
         orphaned = orphaned | (Job.worker_id == holder)
     with db() as session:

@@ -333,7 +333,7 @@ def store_images(
                 session.execute(insert(Image.__table__), rows)
             return view_of_row(done, tuple(row["id"] for row in rows))
     for row in rows:  # lost the race to a cancel or another completion: keep no orphan files
-        store.path(row["path"]).unlink(missing_ok=True)
+        store.delete(row["path"])
     return get_job(db, job_id)
 
 

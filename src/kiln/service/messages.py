@@ -118,6 +118,8 @@ class Status(msgspec.Struct, frozen=True, tag=True):
     """The scheduler's Prometheus exposition, appended to the API's own at GET /metrics."""
     stats: dict[str, Any] = {}
     """Queue depth and throughput for the dashboard."""
+    role: str = "active"
+    """"active": it runs jobs and answers requests; "standby": it waits to take over (see `leadership`)."""
 
 
 ToScheduler = Admit | Submit | Release | Cancel

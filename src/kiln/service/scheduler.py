@@ -104,6 +104,7 @@ class Scheduler:
         scheduler_id: str,
         lease_s: float = 30.0,
         publish: Publish | None = None,
+        exclusive: bool = False,
     ) -> None:
         self.db = db
         self.store = store
@@ -113,6 +114,9 @@ class Scheduler:
         self.scheduler_id = scheduler_id
         self.lease_s = lease_s
         self.publish: Publish = publish or (lambda _message: None)
+        self.exclusive = exclusive
+        """It holds the scheduler leadership: no other scheduler runs, so it adopts every unfinished
+        job held by another at once, live lease or not (a job's Submit lost with a killed leader)."""
         self._tickets: dict[str, Ticket] = {}
         self._held: dict[str, _Held] = {}
         self._pending: dict[str, deque[EngineEvent]] = {}
@@ -177,9 +181,13 @@ class Scheduler:
             self.engine.unhold(held.request)
 
     async def submit(self, ticket: Ticket, hold_id: str = "") -> None:
-        if not hold_id:  # admitted while no scheduler answered: its row is not leased to anyone yet
+        if hold_id not in self._held:  # admitted while no scheduler answered (its row is not leased
+            # yet) or through another scheduler (a leader since gone): lease it here, if unfinished
             until = utcnow() + dt.timedelta(seconds=self.lease_s)
-            await asyncio.to_thread(job_leases.lease_jobs, self.db, [ticket.job_id], self.scheduler_id, until)
+            if not await asyncio.to_thread(job_leases.lease_jobs, self.db, [ticket.job_id], self.scheduler_id,
+                                           until):
+                self.release(hold_id)
+                return
         try:
             await self._enqueue(ticket)
         finally:  # the hold counts until the job itself is queued: no gap for admissions to slip in
@@ -222,7 +230,7 @@ class Scheduler:
 
     async def _adopt(self, own: bool = False) -> None:
         adopted = await asyncio.to_thread(
-            job_leases.adopt_orphans, self.db, self.scheduler_id, self.lease_s, own=own,
+            job_leases.adopt_orphans, self.db, self.scheduler_id, self.lease_s, own=own, force=self.exclusive,
         )
         if adopted:
             log.info("adopted %d unfinished job(s) from the database", len(adopted))

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.errors import Overloaded
 from kiln.service import jobs
-from kiln.service.channel import SchedulerLink
+from kiln.service.channel import SchedulerLinks
 from kiln.service.job_events import JobEvent, JobOutcome, outcome_of, terminal_event
 from kiln.service.job_log import JobLogs
 from kiln.service.messages import Admit, Cancel, JobUpdate, Release, Status, Submit, Ticket
@@ -81,7 +81,9 @@ class SchedulerClient:
         self.status: Status | None = None
         self._status_at = float("-inf")
         self._status_changed: asyncio.Event | None = None
-        self.link = SchedulerLink(control_url, events_url, on_update=self._on_update, on_status=self._on_status)
+        self.link = SchedulerLinks(control_url, events_url, on_update=self._on_update, on_status=self._on_status,
+                                   timeout_s=timeout_s, monotonic=monotonic)
+        """A link per scheduler (`control_url`/`events_url` may list several); requests go to the active one."""
 
     async def start(self) -> None:
         self._status_changed = asyncio.Event()

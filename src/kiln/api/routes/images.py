@@ -15,16 +15,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from kiln.api.deps import CurrentAccount, State
 from kiln.api.headers import degraded_header
-from kiln.api.schemas import ERRORS, EditRequest, GenerationRequest, ImageInfo, ImagesResponse
+from kiln.api.schemas import ERRORS, EditRequest, ErrorResponse, GenerationRequest, ImageInfo, ImagesResponse
 from kiln.api.state import AppState
-from kiln.errors import GenerationFailed, InvalidRequest, KilnError, Overloaded
+from kiln.errors import GenerationFailed, InvalidRequest, Overloaded
 from kiln.service import content_credentials, jobs, provenance
 from kiln.service import image_requests as ir
 from kiln.service.accounts import Account
@@ -35,6 +35,7 @@ router = APIRouter(prefix="/v1", tags=["images"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 SYNC_WAIT_S = 600.0
 _MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_IMAGE_ERRORS = {**ERRORS, 410: {"model": ErrorResponse, "description": "The image store lost the file."}}
 
 
 def _spec(state: AppState, body: GenerationRequest | EditRequest, kind: str, task: str) -> jobs.JobSpec:
@@ -291,7 +292,7 @@ async def edit_image(
     )
 
 
-@router.get("/images/{image_id}", response_model=ImageInfo, responses=ERRORS)
+@router.get("/images/{image_id}", response_model=ImageInfo, responses=_IMAGE_ERRORS)
 async def get_image(image_id: str, request: Request, state: State, account: CurrentAccount) -> ImageInfo:
     """An image's metadata and the provenance read back from the file itself (owner only)."""
     image = await asyncio.to_thread(jobs.get_image, state.db, image_id, account.user_id)
@@ -308,11 +309,22 @@ async def get_image(image_id: str, request: Request, state: State, account: Curr
 
 
 @router.get("/images/{image_id}/content", response_class=FileResponse, responses={
-    200: {"content": {m: {} for m in _MEDIA.values()}, "description": "The image file."}, **ERRORS})
-async def get_image_content(image_id: str, state: State, account: CurrentAccount) -> FileResponse:
-    """The stored image file (what `response_format=url` points at; needs the owner's key)."""
+    200: {"content": {m: {} for m in _MEDIA.values()}, "description": "The image file."},
+    307: {"description": "A presigned URL of the image file (when `image_redirect_s` is set)."},
+    **_IMAGE_ERRORS})
+async def get_image_content(image_id: str, state: State, account: CurrentAccount) -> Response:
+    """The stored image file (what `response_format=url` points at; needs the owner's key), from
+    whichever store holds it: a local file, a stream from the bucket, or (`image_redirect_s`) a
+    redirect to a presigned URL. A file the store lost is 410 `image_gone`."""
     image = await asyncio.to_thread(jobs.get_image, state.db, image_id, account.user_id)
-    path = state.store.path(image.path)
-    if not path.is_file():
-        raise KilnError("The image file is missing from storage.")
-    return FileResponse(path, media_type=_MEDIA.get(image.format, "application/octet-stream"))
+    media_type = _MEDIA.get(image.format, "application/octet-stream")
+    store = state.store
+    if state.settings.image_redirect_s and (
+            url := await store.signed_url(image.path, state.settings.image_redirect_s)) is not None:
+        return RedirectResponse(url, status_code=307)
+    path = await asyncio.to_thread(store.local_path, image.path)  # ImageGone when it is not there
+    if path is not None:
+        return FileResponse(path, media_type=media_type)
+    stored = await store.open(image.path)
+    return StreamingResponse(stored.chunks, media_type=media_type,
+                             headers={"Content-Length": str(stored.size)})
