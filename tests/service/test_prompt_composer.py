@@ -66,7 +66,8 @@ def test_the_issue_s_example_keeps_the_place_and_the_background() -> None:
     ("make it a dot", {"shape": "circle"}),
     ('now make it say "BYE"', {"word": "BYE"}),
     ("now make it say BYE", {"word": "BYE"}),
-    ("write Hi on it", {"word": "Hi"}),
+    ("write Hi on it", {"word": "HI"}),
+    ('make it say "bye"', {"word": "BYE"}),
     ("make it a sign that says OPEN", {"subject": "sign", "word": "OPEN"}),
     ("make it green and move it to the left", {"color": "green", "position": "left"}),
     ("great, now a large blue square at the top on a white background",
@@ -123,7 +124,7 @@ def test_every_canonical_phrasing_reads_back_as_its_picture() -> None:
         for picture in (
             base,
             dataclasses.replace(base, word="HELLO"),
-            dataclasses.replace(base, subject="sign", shape=None, word="OPEN 24h"),
+            dataclasses.replace(base, subject="sign", shape=None, word="OPEN 24H"),
             dataclasses.replace(base, subject="word", shape=None, size=None, word="BYE"),
             dataclasses.replace(base, size=None, background=None, extras=("add a hat",)),
         ):

@@ -9,8 +9,8 @@ one canonical phrasing (`render`), which the embedded model's training grammar i
     a {size} {color} sign that says "{WORD}" {position} on a {background} background
     the word "{WORD}" in {color} {position} on a {background} background
 
-`{position}` is the grammar's first form of each place (on the left, on the right, at the top,
-at the bottom, in the centre); an attribute never said is left out with its words. A clause that is
+`{position}` is the grammar's canonical form of each place (`PLACE_FORM`); the word is written in
+capitals, as the model draws it; an attribute never said is left out with its words. A clause that is
 not wholly understood ("add a hat") is never applied in part: it is kept, in the user's words, after
 the canonical phrasing, so nothing said is lost. Pure functions: no I/O, no model.
 """
@@ -21,7 +21,13 @@ import dataclasses
 import re
 from collections.abc import Iterable
 
+from kiln.embedded import captions
 from kiln.embedded.captions import COLOR_WORDS, POSITION_FORMS, SHAPE_WORDS, SIZE_WORDS
+
+PLACE_FORM = getattr(captions, "CANONICAL_POSITION_FORM", 0)
+"""Which of the grammar's position forms `render` writes: the one the grammar names canonical (and
+always trains on), else its first (on the left · on the right · at the top · at the bottom · in the
+centre)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +43,7 @@ class Picture:
     position: str | None = None
     background: str | None = None
     word: str | None = None
-    """The quoted word drawn on the shape or sign, as typed."""
+    """The word written on the shape or sign (or alone), in capitals as the model draws it."""
     extras: tuple[str, ...] = ()
     """Clauses kept in the user's words (not understood, so never applied)."""
 
@@ -89,7 +95,7 @@ _THE_WORD = re.compile(r"\bthe\s+(?:word|text)\s+([A-Za-z0-9][\w!?-]{0,63})")
 _NO_WORD = re.compile(r"\b(?:remove|delete|erase|drop)\s+(?:the\s+)?(?:word|text|writing|letters)\b|"
                       r"\b(?:without|no)\s+(?:the\s+|any\s+)?(?:word|words|text|writing|letters)\b")
 _WORD_ALONE = re.compile(r"\b(?:just|only)\s+the\s+(?:word|text)\b")
-_SIGN = re.compile(r"\bsign\b")
+_SIGN = re.compile(r"\b(?:sign|signboard|board|placard|label)\b")
 _CLAUSE_BREAK = re.compile(r"(\s*[.;!?]+(?:\s+|$)|\s*,\s*(?:and\s+|then\s+)?|\s+and\s+(?:then\s+)?|"
                            r"\s+then\s+|\s+but\s+)")
 _TOKEN = re.compile(r"[a-z']+|\d+")
@@ -104,7 +110,8 @@ edge near toward towards over against plain background backdrop canvas word word
 saying read reads written write letters sign go goes bit little slightly much more even way lot far
 very really too rest everything else up down top bottom do try again instead rather than not from
 give have has make made ok okay great nice thanks thank cool good perfect awesome lovely hmm hey
-yes yeah wow love size as well some kind sort
+yes yeah wow love size as well some kind sort signboard board placard label labelled labeled
+reading marked bearing lettering spell spelling writing
 """.split())
 
 
@@ -193,7 +200,7 @@ def apply_clause(picture: Picture, clause: str) -> Picture | None:
     elif word_alone:
         subject = "word"
     if word is not None:
-        changes["word"] = word
+        changes["word"] = word.upper()
         subject = subject or "word"
     elif remove_word:
         if subject in ("sign", "word"):
@@ -268,7 +275,7 @@ def render(picture: Picture) -> str | None:
     subject = _subject(picture)
     if subject is None or (subject in ("sign", "word") and picture.word is None):
         return None
-    place = POSITION_FORMS[picture.position][0] if picture.position else ""
+    place = POSITION_FORMS[picture.position][PLACE_FORM] if picture.position else ""
     quoted = f'"{picture.word}"' if picture.word is not None else ""
     if subject == "word":
         parts = [f"the word {quoted}", f"in {picture.color}" if picture.color else "", place,
