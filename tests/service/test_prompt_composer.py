@@ -203,7 +203,8 @@ class ChatServer:
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.http.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
@@ -220,8 +221,8 @@ def chat_server() -> Iterator[ChatServer]:
 
 
 def rewriting(url: str, timeout_s: float = 5.0) -> PromptComposer:
-    settings = load_settings(prompt_composer_url=url, prompt_composer_model="qwen3", prompt_composer_api_key="k1",
-                             prompt_composer_timeout_s=timeout_s)
+    settings = load_settings(prompt_composer_url=url, prompt_composer_model="qwen3",
+                             prompt_composer_api_key="k1", prompt_composer_timeout_s=timeout_s)
     return PromptComposer.from_settings(settings)
 
 
@@ -229,7 +230,8 @@ def test_the_rewriter_writes_the_prompt_from_the_conversation(chat_server: ChatS
     chat_server.reply = 'Prompt: "a green triangle on the right on a purple background"'
     composer = rewriting(chat_server.url)
     made = asyncio.run(composer.compose("sdxl", TRIANGLE, "make the triangle green", [TRIANGLE]))
-    assert (made.prompt, made.composer) == ("a green triangle on the right on a purple background", "rewriter")
+    assert made.composer == "rewriter"
+    assert made.prompt == "a green triangle on the right on a purple background"
     [sent] = chat_server.requests
     assert sent["path"] == "/v1/chat/completions" and sent["model"] == "qwen3" and sent["auth"] == "Bearer k1"
     said = sent["messages"][-1]["content"]
@@ -298,10 +300,13 @@ def test_jobs_with_image_id_compose_a_chain_of_follow_ups(start_server, settings
         assert shown["prompt"] == 'a blue circle on the left with the word "BYE" on it'
         assert shown["instruction"] == "move it to the left" and shown["kind"] == "edit"
         assert shown["source_image_id"] == bye_image
-        assert http.get(f"/v1/jobs/{first['id']}").json()["prompt"] == 'a blue circle with the word "HELLO" on it'
-        literal = http.post("/v1/jobs", json={"prompt": "a red square", "image_id": image, "compose_prompt": False})
+        first_prompt = http.get(f"/v1/jobs/{first['id']}").json()["prompt"]
+        assert first_prompt == 'a blue circle with the word "HELLO" on it'
+        literal = http.post("/v1/jobs", json={"prompt": "a red square", "image_id": image,
+                                              "compose_prompt": False})
         assert literal.json()["prompt"] == "a red square"
-        assert other_user.post("/v1/jobs", json={"prompt": "make it red", "image_id": image}).status_code == 404
+        stolen = other_user.post("/v1/jobs", json={"prompt": "make it red", "image_id": image})
+        assert stolen.status_code == 404 and stolen.json()["error"]["param"] == "image_id"
 
         # another model: the operator's rewriter is shown the whole conversation
         start = http.post("/v1/jobs", json={"model": "other", "prompt": "a lighthouse at dusk"}).json()
@@ -314,9 +319,11 @@ def test_jobs_with_image_id_compose_a_chain_of_follow_ups(start_server, settings
                                            "image_id": _done(http, moon)}).json()
         assert dawn["prompt"] == "a lighthouse at dawn under a full moon"
         said = chat_server.requests[-1]["messages"][-1]["content"]
-        assert "First description: a lighthouse at dusk\nChange 1: add a full moon\nChange 2: make it dawn" in said
+        assert "First description: a lighthouse at dusk\nChange 1: add a full moon\nChange 2: make it dawn" \
+            in said
         chat_server.status = 503  # the rewriter is down: the edit is still made, its prompt appended
-        down = http.post("/v1/jobs", json={"model": "other", "prompt": "add a boat", "image_id": _done(http, dawn)})
+        down = http.post("/v1/jobs", json={"model": "other", "prompt": "add a boat",
+                                           "image_id": _done(http, dawn)})
         assert down.status_code == 202 and down.json()["prompt"] == (
             "a lighthouse at dawn under a full moon. add a boat"
         )

@@ -34,7 +34,8 @@ def settings(settings: Settings) -> Settings:
     if not UPDATE:
         scene = ModelSpec(path=settings.models["fake"].path, loader="scene_fake:load_scene_fake",
                           native_size=256, steps=4, options={"step_s": 0.02})
-        return settings.model_copy(update={"models": {"fake": scene}, "prompt_composer_rules_models": ["fake"]})
+        return settings.model_copy(update={"models": {"fake": scene},
+                                           "prompt_composer_rules_models": ["fake"]})
     if not (EMBEDDED_MODEL_PATH / "model_index.json").is_file():
         pytest.fail("the embedded model is not in src/kiln/embedded/model")
     return settings.model_copy(update={
@@ -51,7 +52,8 @@ def test_follow_ups_keep_what_was_said_and_show_the_composed_prompt(
     page = open_page(people("uma", plan="plus"), width=900, height=1000)
     for step, (text, composed) in enumerate(STEPS, start=1):
         message = send(page, text)
-        expect(message.locator("img.image")).to_be_visible(timeout=120_000)  # the real model loads torch first
+        # the real model loads torch first
+        expect(message.locator("img.image")).to_be_visible(timeout=120_000)
         if composed is None:
             expect(message.locator(".composed")).to_be_hidden()  # a first sentence is drawn as typed
         else:

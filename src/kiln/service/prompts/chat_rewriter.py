@@ -44,9 +44,8 @@ class ChatRewriter:
 
     def messages(self, conversation: Sequence[str], previous: str) -> list[dict[str, str]]:
         """The chat sent: the rules above, then the user's turns and the current prompt."""
-        said = "\n".join(
-            f"{'First description' if i == 0 else f'Change {i}'}: {text}" for i, text in enumerate(conversation)
-        )
+        said = "\n".join(f"{'First description' if i == 0 else f'Change {i}'}: {text}"
+                         for i, text in enumerate(conversation))
         return [
             {"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": f"{said}\n\nThe current picture's prompt: {previous}\n\n"

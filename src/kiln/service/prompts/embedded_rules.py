@@ -80,7 +80,8 @@ _BACKGROUND_PATTERNS = [re.compile(p) for p in (
     rf"\bon\s+(?:an?\s+)?(?:plain\s+)?({_COLOR})\b(?!\s+(?:{_SHAPE}|sign|colou?red|one)\b)",
 )]
 _POSITION = re.compile(rf"(?<![\w-])({_alternation(_POSITION_OF)})(?![\w-])")
-_MOVE_UP_DOWN = re.compile(r"\b(?:move|shift|push|put|nudge|bring)\s+(?:it|the\s+\w+(?:\s+\w+)?)?\s*(up|down)\b")
+_MOVE_UP_DOWN = re.compile(r"\b(?:move|shift|push|put|nudge|bring)\s+(?:it|the\s+\w+(?:\s+\w+)?)?\s*"
+                           r"(up|down)\b")
 _DEGREE = re.compile(r"\b(?:a\s+(?:little\s+)?bit|a\s+little|a\s+lot|slightly|much|even|way|far|lots)\s+"
                      r"(?=(?:bigger|larger|smaller|tinier|huger)\b)")
 _SIZE = re.compile(rf"\b({_alternation(_SIZE_OF)})\b")
@@ -287,8 +288,8 @@ def render(picture: Picture) -> str | None:
             parts = [_with_article(noun), place, _background(picture)]
         elif picture.word is not None:
             background = _background(picture)
-            parts = [_with_article(noun), place, f"with the word {quoted} on it" + ("," if background else ""),
-                     background]
+            clause = f"with the word {quoted} on it" + ("," if background else "")
+            parts = [_with_article(noun), place, clause, background]
         else:
             parts = [_with_article(noun), place, _background(picture)]
     text = " ".join(p for p in parts if p)
