@@ -64,6 +64,9 @@ def test_the_issue_s_example_keeps_the_place_and_the_background() -> None:
     ("make it a circle", {"shape": "circle"}),
     ("turn the triangle into a square", {"shape": "square"}),
     ("make it a dot", {"shape": "circle"}),
+    ("switch to a square", {"shape": "square"}),
+    ("make the triangle’s colour blue", {"color": "blue"}),
+    ("let's slide it left", {"position": "left"}),
     ('now make it say "BYE"', {"word": "BYE"}),
     ("now make it say BYE", {"word": "BYE"}),
     ("write Hi on it", {"word": "HI"}),
@@ -305,6 +308,8 @@ def test_jobs_with_image_id_compose_a_chain_of_follow_ups(start_server, settings
         literal = http.post("/v1/jobs", json={"prompt": "a red square", "image_id": image,
                                               "compose_prompt": False})
         assert literal.json()["prompt"] == "a red square"
+        blocked = http.post("/v1/jobs", json={"prompt": "make it gore", "image_id": image})
+        assert blocked.status_code == 400 and blocked.json()["error"]["code"] == "moderation_blocked"
         stolen = other_user.post("/v1/jobs", json={"prompt": "make it red", "image_id": image})
         assert stolen.status_code == 404 and stolen.json()["error"]["param"] == "image_id"
 

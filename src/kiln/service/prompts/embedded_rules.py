@@ -112,7 +112,8 @@ saying read reads written write letters sign go goes bit little slightly much mo
 very really too rest everything else up down top bottom do try again instead rather than not from
 give have has make made ok okay great nice thanks thank cool good perfect awesome lovely hmm hey
 yes yeah wow love size as well some kind sort signboard board placard label labelled labeled
-reading marked bearing lettering spell spelling writing
+reading marked bearing lettering spell spelling writing switch swap replace convert transform recolour
+recolor fill use slide drag position
 """.split())
 
 
@@ -162,7 +163,7 @@ def apply_clause(picture: Picture, clause: str) -> Picture | None:
     word, text = _quoted_word(clause)
     if word is None:
         word, text = _bare_word(text)
-    text = text.lower()
+    text = re.sub(r"['’]s\b", " ", text.lower().replace("’", "'"))  # "the circle's colour"
     remove_word = bool(_NO_WORD.search(text))
     text = _NO_WORD.sub(" ", text)
     word_alone = bool(_WORD_ALONE.search(text))
