@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -203,7 +203,7 @@ class Settings(BaseSettings):
     one prompt, for models that do not follow the embedded grammar; None: the follow-up is appended."""
     prompt_composer_model: str | None = Field(None, min_length=1, max_length=256)
     """The chat model's name as that API knows it (required with `prompt_composer_url`)."""
-    prompt_composer_api_key: str | None = None
+    prompt_composer_api_key: SecretStr | None = None
     """Bearer token for that API, if it wants one."""
     prompt_composer_timeout_s: float = Field(5.0, gt=0, le=120)
     """How long an edit waits for the rewriter; past it (or on any error) the follow-up is appended."""

@@ -73,7 +73,8 @@ class PromptComposer:
         if settings.prompt_composer_url:
             rewriter = ChatRewriter(
                 settings.prompt_composer_url, settings.prompt_composer_model or "",
-                api_key=settings.prompt_composer_api_key, timeout_s=settings.prompt_composer_timeout_s,
+                api_key=key.get_secret_value() if (key := settings.prompt_composer_api_key) else None,
+                timeout_s=settings.prompt_composer_timeout_s,
             )
         return cls(rules, rewriter)
 
