@@ -270,15 +270,11 @@ def test_the_rewriter_settings_need_a_model_name() -> None:
 
 # -- POST /v1/jobs with image_id ---------------------------------------------------------------------
 
-sqlite_only = pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
-
-
 def _done(http: Any, job: dict[str, Any]) -> str:
     assert events_until_end(http, job["id"])[-1]["event"] == "completed"
     return http.get(f"/v1/jobs/{job['id']}").json()["image_ids"][0]
 
 
-@sqlite_only
 def test_jobs_with_image_id_compose_a_chain_of_follow_ups(start_server, settings, tmp_path, make_user,
                                                           chat_server: ChatServer) -> None:
     settings = engine_settings(settings, tmp_path, steps=1)
