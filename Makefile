@@ -35,9 +35,9 @@ tesseract:
 test: setup chromium tesseract
 	$(PY) -m pytest -q
 
-# The README's pictures of the web UI (docs/chat-desktop.png, docs/chat-phone.png, docs/admin.png).
+# The README's pictures of the web UI (docs/chat-desktop.png, chat-phone.png, admin.png, chat-followup-*.png).
 screenshots: setup chromium
-	KILN_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -q tests/web/test_screenshots.py
+	KILN_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -q tests/web/test_screenshots.py tests/web/test_chat_followups.py
 
 bench: setup
 	command -v wrk >/dev/null || apt-get install -y -q wrk

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -228,6 +228,26 @@ class Settings(BaseSettings):
         if value is not None and value.startswith("s3://") and not value[len("s3://"):].strip("/"):
             raise ValueError("image_store s3:// needs a bucket: s3://bucket/prefix")
         return value
+    # Prompt composer: the prompt of a follow-up edit (the chat, POST /v1/jobs with image_id)
+    prompt_composer_url: str | None = Field(None, pattern=r"^https?://")
+    """Base URL of an OpenAI-compatible chat completions API (a local vLLM `http://127.0.0.1:8080/v1`,
+    Ollama `http://127.0.0.1:11434/v1`, …) that rewrites a follow-up and the picture's conversation into
+    one prompt, for models that do not follow the embedded grammar; None: the follow-up is appended."""
+    prompt_composer_model: str | None = Field(None, min_length=1, max_length=256)
+    """The chat model's name as that API knows it (required with `prompt_composer_url`)."""
+    prompt_composer_api_key: SecretStr | None = None
+    """Bearer token for that API, if it wants one."""
+    prompt_composer_timeout_s: float = Field(5.0, gt=0, le=120)
+    """How long an edit waits for the rewriter; past it (or on any error) the follow-up is appended."""
+    prompt_composer_rules_models: list[str] = Field(default_factory=list)
+    """Models, besides the embedded one (found by its path), whose prompts follow the embedded grammar
+    and whose follow-ups the attribute rules compose."""
+
+    @model_validator(mode="after")
+    def _composer_needs_a_model(self) -> Settings:
+        if self.prompt_composer_url and not self.prompt_composer_model:
+            raise ValueError("prompt_composer_url needs prompt_composer_model (the chat model's name)")
+        return self
 
     @field_validator("models")
     @classmethod

@@ -33,7 +33,8 @@ def settings(settings: Settings) -> Settings:
         steps=12,
         options={"step_s": 0.05},
     )
-    return settings.model_copy(update={"models": {"fake": scene}})
+    # the stand-in draws what the embedded model draws, so its follow-ups are composed by the same rules
+    return settings.model_copy(update={"models": {"fake": scene}, "prompt_composer_rules_models": ["fake"]})
 
 
 def submit_bursts(base_url: str, keys: list[str], stop: threading.Event) -> None:

@@ -89,6 +89,10 @@ class JobRequest(GenerationRequest):
     """Kiln's extra: edit this image of yours (img2img) instead of drawing from nothing."""
     strength: float | None = Field(None, gt=0.0, le=1.0)
     """With `image_id`: how far the edit may move from the image (default 0.75)."""
+    # Follow-ups (prompt composer)
+    compose_prompt: bool | None = None
+    """With `image_id`: `prompt` is a follow-up ("make it green") and the image's own prompt is
+    rewritten with it (the default); false draws `prompt` exactly as given."""
 
 
 class ImageData(BaseModel):
@@ -189,6 +193,14 @@ class JobInfo(BaseModel):
     """What admission changed to meet the plan's wait target (as in the Images API), or None."""
     relax: bool = False
     """Past today's quota on a plan with relax mode: uncharged, it starts when the GPUs are free."""
+    # Follow-ups (prompt composer)
+    prompt: str | None = None
+    """The prompt the image is drawn from: for an edit of `image_id`, the one composed from that image's
+    prompt and the follow-up."""
+    instruction: str | None = None
+    """For an edit of `image_id`: the follow-up as sent (the request's `prompt`)."""
+    source_image_id: str | None = None
+    """For an edit of `image_id`: that image."""
 
 
 class JobList(BaseModel):

@@ -25,6 +25,7 @@ from kiln.service.key_cache import KeyCache
 from kiln.service.moderation import Moderation
 from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
+from kiln.service.prompts.composer import PromptComposer
 from kiln.service.refusals import Refusals
 from kiln.service.scheduler_client import SchedulerClient
 from kiln.service.storage import ImageStore, make_image_store
@@ -58,6 +59,8 @@ class AppState:
     browser_account: BrowserAccount | None = None
     loop_lag: LoopLagProbe = field(default=None)  # type: ignore[assignment]
     """How late this process's event loop wakes (`kiln_event_loop_lag_seconds` in /metrics)."""
+    prompts: PromptComposer = field(default=None)  # type: ignore[assignment]
+    """Writes the prompt of a follow-up edit (POST /v1/jobs with `image_id`)."""
 
     @classmethod
     def build(cls, settings: Settings, *, clock: Clock | None = None) -> AppState:
@@ -82,6 +85,7 @@ class AppState:
         )
         state.metrics = AdmissionMetrics(state.metrics_registry)
         state.loop_lag = LoopLagProbe(state.metrics_registry, interval_s=LOOP_LAG_INTERVAL_S)
+        state.prompts = PromptComposer.from_settings(settings)
         return state
 
     async def start(self) -> None:

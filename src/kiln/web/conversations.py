@@ -42,6 +42,8 @@ class MessageView:
     image_ids: tuple[str, ...]
     error: str | None
     seed: int | None
+    prompt: str | None = None
+    """The prompt the picture was drawn from (for a follow-up, the one composed from the thread)."""
 
     @property
     def pending(self) -> bool:
@@ -144,4 +146,5 @@ def _view(message: Message, job: Job | None) -> MessageView:
         image_ids=tuple(i.id for i in job.images) if job else (),
         error=(job.error_message if job and job.status == "failed" else None),
         seed=job.seed if job else None,
+        prompt=job.prompt if job else None,
     )

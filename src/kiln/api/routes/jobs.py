@@ -4,6 +4,7 @@ events (resumable with Last-Event-ID), list and cancel your own (404 for anyone 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -17,7 +18,9 @@ from kiln.api.schemas import ERRORS, ErrorDetail, JobInfo, JobList, JobRequest
 from kiln.api.state import AppState
 from kiln.service import image_requests as ir
 from kiln.service import jobs
+from kiln.service.accounts import Account
 from kiln.service.admission import admit_job
+from kiln.service.prompts import composer
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -38,7 +41,8 @@ def job_info(view: jobs.JobView, state: AppState | None = None, admission: jobs.
         finished=int(view.finished_at.timestamp()) if view.finished_at else None,
         image_ids=list(view.image_ids), charge_state=view.charge_state, error=error,
         queue_position=position, eta_s=eta_s, attempts=view.attempts, degraded=view.degraded,
-        relax=view.relax,
+        relax=view.relax, prompt=view.prompt, instruction=view.params.get("instruction"),
+        source_image_id=view.params.get("source_image_id"),
     )
 
 
@@ -58,7 +62,7 @@ async def submit_job(
         image = await asyncio.to_thread(jobs.get_image, state.db, body.image_id, account.user_id)  # 404
         content = await asyncio.to_thread(state.store.read, image.path)
         uploads = await asyncio.to_thread(ir.edit_inputs, content, None, state.settings.max_image_pixels)
-        spec = _spec(state, body, "edit", "edit")
+        spec = await follow_up(state, account, body, image, _spec(state, body, "edit", "edit"))
     else:
         spec = _spec(state, body, "generate", "generate")
     spec.params["preview_every"] = state.settings.preview_every_steps
@@ -69,6 +73,22 @@ async def submit_job(
                                 uploads=uploads)
     response.headers.update(degraded_header(admission.job.degraded))
     return job_info(admission.job, state, admission)
+
+
+async def follow_up(state: AppState, account: Account, body: JobRequest, image: jobs.ImageView,
+                    spec: jobs.JobSpec) -> jobs.JobSpec:
+    """An edit's spec with the prompt composed from the image's prompt and the follow-up (`body.prompt`,
+    kept as `instruction`), unless `compose_prompt` is false."""
+    params = {**spec.params, "instruction": body.prompt, "source_image_id": image.id}
+    if body.compose_prompt is False:
+        return dataclasses.replace(spec, params={**params, "composer": "literal"})
+    state.moderation.check(body.prompt)  # a refused follow-up is never sent to a rewriter
+    source = await asyncio.to_thread(jobs.get_job, state.db, image.job_id, account.user_id)
+    earlier: list[str] = []
+    if state.prompts.kind_for(spec.model) == "rewriter":
+        earlier = await asyncio.to_thread(composer.earlier_turns, state.db, source.id, account.user_id)
+    made = await state.prompts.compose(spec.model, source.prompt, body.prompt, earlier)
+    return dataclasses.replace(spec, prompt=made.prompt, params={**params, "composer": made.composer})
 
 
 @router.get("/jobs", response_model=JobList, responses=ERRORS)

@@ -261,6 +261,7 @@ function initChat() {
       return false;
     }
     el.dataset.jobId = job.id;
+    showPrompt(el, text, job.data?.prompt);
     if (!conversationId) {  // made only once something was admitted: no empty conversations
       const c = await api("POST", "/web/api/conversations", { title: text });
       if (!c.ok) { say(refusal(c), "warn"); return false; }
@@ -313,6 +314,13 @@ function initChat() {
     const retryAfter = Number(response.headers.get("Retry-After")) || null;
     if (!response.ok) return { ok: false, status: response.status, data, retryAfter };
     return { ok: true, status: response.status, data, id: data.id, imageIds: imageIds(data) };
+  }
+
+  // A follow-up is drawn from a prompt composed from the whole thread: show it under the picture.
+  function showPrompt(el, text, composed) {
+    const shown = composed && composed !== text ? composed : "";
+    $(".composed-text", el).textContent = shown;
+    $(".composed", el).hidden = !shown;
   }
 
   function addToSidebar(c) {
