@@ -183,6 +183,11 @@ class RayExecutor:
         with self._lock:
             return [a.pid for a in self._actors if a.ready and not a.gone and a.pid is not None]
 
+    def busy_pids(self) -> list[int]:
+        """The processes of the actors running a batch now."""
+        with self._lock:
+            return [a.pid for a in self._actors if a.batch is not None and not a.gone and a.pid is not None]
+
     def worker_gpus(self) -> list[str | None]:
         """The CUDA_VISIBLE_DEVICES each ready actor reported (Ray sets it per actor)."""
         with self._lock:
