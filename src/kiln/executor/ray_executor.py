@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 WAIT_STEP_S = 0.5
 """How long a keeper blocks in one `ray.wait`, so shutdown is seen this quickly."""
 
+MAX_STARTUP_FAILURES = 5
+"""A node whose actors die this many times in a row before they are ready gets no more (logged):
+Kiln or the model is missing there, and each try would cost a process start."""
+
 
 @dataclass
 class _Actor:
@@ -35,6 +39,7 @@ class _Actor:
     node_id: str
     handle: Any
     ready: bool = False
+    was_ready: bool = False
     gone: bool = False
     """Dead for good (its node left, its restarts are spent, or Kiln removed it)."""
     batch: ExecBatch | None = None
@@ -80,6 +85,7 @@ class RayExecutor:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ids = itertools.count(1)
+        self._startup_failures: dict[str, int] = {}
         self._owns_ray = False
         self._ray: Any = None
         self._actor_class: Any = None
@@ -229,6 +235,8 @@ class RayExecutor:
             live = [a for a in self._actors if not a.gone]
             budget = (self._max_actors - len(live)) if self._max_actors is not None else len(nodes) * 4096
             for node_id in sorted(nodes):
+                if self._startup_failures.get(node_id, 0) >= MAX_STARTUP_FAILURES:
+                    continue
                 on_node = sum(1 for a in live if a.node_id == node_id)
                 for _ in range(max(0, min(_fits(nodes[node_id], need) - on_node, budget))):
                     added.append(self._create(node_id, need))
@@ -337,7 +345,8 @@ class RayExecutor:
 
     def _on_ready(self, actor: _Actor, ready: ActorReady) -> None:
         with self._lock:
-            actor.ready = True
+            actor.ready = actor.was_ready = True
+            self._startup_failures[actor.node_id] = 0
             actor.pid, actor.gpus = ready.pid, ready.gpus
             actor.loads.update({load.model: load for load in ready.loads})
             self._changed.notify_all()
@@ -368,8 +377,14 @@ class RayExecutor:
         """The actor is dead for good; the monitor puts a fresh one on its node if the node stays."""
         with self._lock:
             was_gone, actor.gone, actor.ready = actor.gone, True, False
+            failures = 0
+            if not actor.was_ready:
+                failures = self._startup_failures[actor.node_id] = self._startup_failures.get(actor.node_id, 0) + 1
             self._changed.notify_all()
-        if not was_gone and not self._stopping.is_set():
+        if failures >= MAX_STARTUP_FAILURES:
+            log.error("Ray worker actors on node %s died %d times before they were ready; none goes there now "
+                      "(last: %s)", actor.node_id[:12], failures, exc)
+        elif not was_gone and not self._stopping.is_set():
             log.warning("Ray worker %s is dead (%s); replacing it", actor.worker_id, type(exc).__name__)
             self.replaced += 1
         self._notify_driver()
