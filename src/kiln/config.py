@@ -223,6 +223,13 @@ class Settings(BaseSettings):
     """How often the cluster's nodes are read, so nodes that join get actors and nodes that leave
     take theirs (and their capacity) away."""
 
+    @field_validator("ray_actor_resources")
+    @classmethod
+    def _actor_resources_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        if bad := sorted(name for name, amount in value.items() if amount <= 0):
+            raise ValueError(f"ray_actor_resources must be positive amounts: {', '.join(bad)}")
+        return value
+
     @field_validator("models")
     @classmethod
     def _at_least_one_model(cls, value: dict[str, ModelSpec]) -> dict[str, ModelSpec]:

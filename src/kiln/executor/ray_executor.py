@@ -10,6 +10,7 @@ node that leaves takes its actors away, and `total_slots` follows both. `ray` is
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -333,6 +334,9 @@ class RayExecutor:
             return True
         except RayError as exc:
             log.warning("Ray worker %s lost running %s: %s", actor.worker_id, batch.batch_id, type(exc).__name__)
+        # If the actor lives on (the stream broke, not the process), the batch stops at its next step.
+        with contextlib.suppress(Exception):
+            actor.handle.cancel.remote(batch.batch_id)
         return False
 
     def _get(self, ref: Any) -> Any:

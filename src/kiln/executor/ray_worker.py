@@ -46,10 +46,12 @@ class WorkerActor:
 
         torch.set_num_threads(torch_threads)
         self._worker_id = worker_id
-        self._outputs: queue.SimpleQueue[FromWorker] = queue.SimpleQueue()
-        self._runner = BatchRunner(worker_id, ModelRegistry(models, aliases, default), self._outputs.put)
+        self._runner = BatchRunner(worker_id, ModelRegistry(models, aliases, default), _unsent)
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
+        self._one_batch = threading.Lock()
+        """Batches never overlap: one the executor gave up on (its stream broke) finishes or stops
+        at its cancel before the next starts."""
         self._loads = self._runner.load_default()
 
     def ready(self) -> ActorReady:
@@ -66,26 +68,37 @@ class WorkerActor:
         """Stream the batch's outputs back as they happen (the runner reports from its own thread,
         since the pipeline calls back rather than yields)."""
         batch_id = batch.batch_id
+        outputs: queue.SimpleQueue[FromWorker] = queue.SimpleQueue()
 
         def should_cancel() -> bool:
             with self._lock:
                 return batch_id in self._cancelled
 
         def body() -> None:
-            try:
-                self._runner.run(batch, should_cancel)
-            except BaseException as exc:  # noqa: BLE001 - the stream must end with an outcome
-                self._outputs.put(BatchFailed(batch_id, "generation_failed", f"{type(exc).__name__}: {exc}"[:500]))
+            with self._one_batch:
+                self._runner.send = outputs.put
+                try:
+                    self._runner.run(batch, should_cancel)
+                except BaseException as exc:  # noqa: BLE001 - the stream must end with an outcome
+                    outputs.put(BatchFailed(batch_id, "generation_failed", f"{type(exc).__name__}: {exc}"[:500]))
+                finally:
+                    self._runner.send = _unsent
 
         thread = threading.Thread(target=body, name=f"kiln-batch-{batch_id}", daemon=True)
         thread.start()
+        ended = False
         try:
-            while True:
-                message = self._outputs.get()
+            while not ended:
+                message = outputs.get()
+                ended = isinstance(message, BATCH_ENDS) and message.batch_id == batch_id
                 yield message
-                if isinstance(message, BATCH_ENDS) and message.batch_id == batch_id:
-                    return
         finally:
+            if not ended:  # the caller went away: stop at the next step rather than draw for no one
+                self.cancel(batch_id)
             thread.join()
             with self._lock:
                 self._cancelled.discard(batch_id)
+
+
+def _unsent(_message: FromWorker) -> None:
+    """Where a runner reports between batches: nowhere (nothing runs then)."""
