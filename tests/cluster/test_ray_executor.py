@@ -74,13 +74,15 @@ def test_an_actor_streams_a_batch_and_a_killed_actor_loses_only_its_batch(make_e
     assert isinstance(collect(executor, lambda o: isinstance(o, BatchCompleted))[-1], BatchCompleted)
 
 
-def test_actors_follow_the_nodes_that_join_and_leave(make_executor, ray_cluster):
-    executor = make_executor(actor_resources={"kiln_test_gpu": 1}, poll_s=0.25)
-    assert executor.total_slots() == 0  # no node has the resource yet
+def test_a_gpu_node_that_joins_gets_an_actor_per_gpu_and_takes_them_when_it_leaves(make_executor, ray_cluster):
+    executor = make_executor(actor_resources={"GPU": 1}, poll_s=0.25)
+    assert executor.total_slots() == 0  # the head has no GPU
 
-    node = ray_cluster.add_node(num_cpus=1, resources={"kiln_test_gpu": 2})
-    assert eventually(lambda: executor.total_slots() == 2)  # as many actors as the node fits
+    # Ray takes a node's GPU count as declared, so this node has two (fake) GPUs for Ray to hand out.
+    node = ray_cluster.add_node(num_cpus=1, num_gpus=2)
+    assert eventually(lambda: executor.total_slots() == 2)  # capacity follows the node in
     assert executor.wait_ready(timeout_s=60)
+    assert sorted(executor.worker_gpus()) == ["0", "1"]  # each actor sees only its own GPU
     assert len(set(executor.worker_nodes())) == 1
     executor.submit(batch("there", "on the new node", steps=2))
     assert isinstance(collect(executor, lambda o: isinstance(o, BatchCompleted))[-1], BatchCompleted)
@@ -89,4 +91,4 @@ def test_actors_follow_the_nodes_that_join_and_leave(make_executor, ray_cluster)
     collect(executor, lambda o: isinstance(o, BatchProgress))
     ray_cluster.remove_node(node)
     assert collect(executor, lambda o: isinstance(o, WorkerLost))[-1].batch_id == "stranded"
-    assert eventually(lambda: executor.total_slots() == 0)
+    assert eventually(lambda: executor.total_slots() == 0)  # and out

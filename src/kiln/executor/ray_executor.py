@@ -39,6 +39,8 @@ class _Actor:
     worker_id: str
     node_id: str
     handle: Any
+    need: dict[str, float]
+    """What it reserves (the executor's choice when it was made)."""
     ready: bool = False
     was_ready: bool = False
     gone: bool = False
@@ -85,8 +87,10 @@ class RayExecutor:
         self._notify: Callable[[], None] | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._monitor_thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self._startup_failures: dict[str, int] = {}
+        self._seen_gpus = False
         self._owns_ray = False
         self._ray: Any = None
         self._actor_class: Any = None
@@ -117,12 +121,13 @@ class RayExecutor:
                      **({"include_dashboard": False} if starts_local else {}))
             self._owns_ray = True
         self._reconcile()
-        monitor = threading.Thread(target=self._monitor, name="kiln-ray-monitor", daemon=True)
-        monitor.start()
-        self._threads.append(monitor)
+        self._monitor_thread = threading.Thread(target=self._monitor, name="kiln-ray-monitor", daemon=True)
+        self._monitor_thread.start()
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self._stopping.set()
+        if self._monitor_thread is not None:
+            self._monitor_thread.join(timeout_s)  # no actor is made after this
         with self._lock:
             actors = list(self._actors)
             for actor in actors:
@@ -220,48 +225,58 @@ class RayExecutor:
                 log.exception("reading the Ray cluster's nodes failed; trying again in %.1f s", self._poll_s)
 
     def _reconcile(self) -> None:
-        """Actors for nodes that fit more, none for nodes that left (their batches are lost)."""
+        """Actors for nodes that fit more; none for nodes that left (their batches are lost), nor of
+        a kind the cluster no longer calls for (CPU actors once GPUs are there)."""
         nodes = {n["NodeID"]: n["Resources"] for n in self._ray.nodes() if n.get("Alive")}
         need = self._need(nodes.values())
-        left: list[_Actor] = []
-        added: list[_Actor] = []
+        dropped: list[tuple[_Actor, str]] = []
+        wanted: list[str] = []
         with self._lock:
             if self._stopping.is_set():
                 return
             for actor in self._actors:
-                if not actor.gone and actor.node_id not in nodes:
-                    actor.gone = True
-                    left.append(actor)
+                if actor.gone:
+                    continue
+                if actor.node_id not in nodes:
+                    dropped.append((actor, "its node left"))
+                elif actor.need != need and actor.batch is None:
+                    dropped.append((actor, f"actors now reserve {need}"))
+                else:
+                    continue
+                actor.gone, actor.ready = True, False
             self._actors = [a for a in self._actors if not a.gone or a.batch is not None]
             live = [a for a in self._actors if not a.gone]
             budget = (self._max_actors - len(live)) if self._max_actors is not None else len(nodes) * 4096
             for node_id in sorted(nodes):
                 if self._startup_failures.get(node_id, 0) >= MAX_STARTUP_FAILURES:
                     continue
-                on_node = sum(1 for a in live if a.node_id == node_id)
-                for _ in range(max(0, min(_fits(nodes[node_id], need) - on_node, budget))):
-                    added.append(self._create(node_id, need))
-                    budget -= 1
-            self._actors.extend(added)
-            if left or added:
+                on_node = sum(1 for a in live if a.node_id == node_id and a.need == need)
+                more = max(0, min(_fits(nodes[node_id], need) - on_node, budget))
+                wanted += [node_id] * more
+                budget -= more
+            if dropped:
                 self._changed.notify_all()
-        for actor in left:
-            log.warning("Ray node %s left: actor %s removed", actor.node_id[:12], actor.worker_id)
+        for actor, why in dropped:
+            log.warning("Ray worker %s removed: %s", actor.worker_id, why)
             actor.assigned.set()
             self._kill(actor)
+        added = [self._create(node_id, need) for node_id in wanted]  # outside the lock: Ray calls
+        with self._lock:
+            self._actors.extend(added)
+            self._changed.notify_all()
         for actor in added:
             thread = threading.Thread(target=self._keep, args=(actor,), name=f"kiln-{actor.worker_id}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        if left:
+        if dropped:
             self._notify_driver()
 
     def _need(self, nodes: Any) -> dict[str, float]:
+        """What one actor reserves: as set, else a GPU once the cluster has (or had) one, else CPUs."""
         if self._resources:
             return self._resources
-        if any(r.get("GPU", 0) >= 1 for r in nodes):
-            return {"GPU": 1.0}
-        return {"CPU": float(self._torch_threads)}
+        self._seen_gpus = self._seen_gpus or any(r.get("GPU", 0) >= 1 for r in nodes)
+        return {"GPU": 1.0} if self._seen_gpus else {"CPU": float(self._torch_threads)}
 
     def _create(self, node_id: str, need: dict[str, float]) -> _Actor:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -277,7 +292,7 @@ class RayExecutor:
             options["memory"] = need["memory"]
         handle = self._actor_class.options(**options).remote(
             worker_id, self._models, self._aliases, self._default, self._torch_threads)
-        return _Actor(worker_id, node_id, handle)
+        return _Actor(worker_id, node_id, handle, need)
 
     def _kill(self, actor: _Actor) -> None:
         try:
