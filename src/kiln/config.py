@@ -212,8 +212,8 @@ class Settings(BaseSettings):
     """Ray namespace Kiln's actors live in."""
     ray_actor_resources: dict[str, float] = Field(default_factory=dict)
     """What one worker actor reserves, e.g. `{GPU = 1}` or `{CPU = 4}` or a custom resource;
-    empty: one GPU on a cluster with GPUs, else `torch_threads` CPUs. A node hosts as many actors
-    as its resources fit."""
+    empty: one GPU once the cluster has (or had) a GPU, else `torch_threads` CPUs. A node hosts as
+    many actors as its resources fit."""
     ray_max_actors: int | None = Field(None, ge=1, le=4096)
     """Most worker actors on the whole cluster; None: as many as its nodes fit."""
     ray_max_restarts: int = Field(3, ge=-1, le=1000)
