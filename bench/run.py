@@ -1,6 +1,6 @@
 """`make bench`: run every scenario and write bench/results/<date>/report.md with tables and plots.
 
-Usage: python -m bench.run [--quick] [--only ceiling,saturation,...,flood] [--model PATH]
+Usage: python -m bench.run [--quick] [--only ceiling,saturation,...,flood,cluster] [--model PATH]
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import traceback
 from pathlib import Path
 
 from bench.harness import EMBEDDED, REPO, Context, Section, machine
-from bench.scenarios import ceiling, flood, gateway, isolation, peer, scheduler_sim, served
+from bench.scenarios import ceiling, cluster, flood, gateway, isolation, peer, scheduler_sim, served
 
-ORDER = ("ceiling", "saturation", "batching", "isolation", "gateway", "flood", "peer", "cluster-sim")
+ORDER = ("ceiling", "saturation", "batching", "isolation", "gateway", "flood", "peer", "cluster", "cluster-sim")
 # Scenarios that size their load from saturation (which needs ceiling); flood and gateway need neither.
 NEEDS_SATURATION = {"saturation", "batching", "isolation", "peer"}
 # The report's sections: flood writes two.
@@ -76,6 +76,8 @@ def main() -> None:
         attempt("flood", flood.run)
     if "peer" in wanted:
         attempt("peer", peer.run)
+    if "cluster" in wanted:
+        attempt("cluster", cluster.run)
     if "cluster-sim" in wanted:
         attempt("cluster-sim", scheduler_sim.run)
 

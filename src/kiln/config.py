@@ -133,8 +133,6 @@ class Settings(BaseSettings):
     """Plans created on first start; afterwards the database holds the live values."""
     default_plan: str = "free"
     """Plan given to users created without one."""
-    workers: int = Field(1, ge=1, le=64)
-    """Worker processes (one per GPU; one on a CPU machine)."""
     torch_threads: int = Field(2, ge=1, le=256)
     """Intra-op threads per worker process."""
     max_batch_size: int = Field(8, ge=1, le=64)
@@ -228,6 +226,7 @@ class Settings(BaseSettings):
         if value is not None and value.startswith("s3://") and not value[len("s3://"):].strip("/"):
             raise ValueError("image_store s3:// needs a bucket: s3://bucket/prefix")
         return value
+
     # Prompt composer: the prompt of a follow-up edit (the chat, POST /v1/jobs with image_id)
     prompt_composer_url: str | None = Field(None, pattern=r"^https?://")
     """Base URL of an OpenAI-compatible chat completions API (a local vLLM `http://127.0.0.1:8080/v1`,
@@ -248,6 +247,42 @@ class Settings(BaseSettings):
         if self.prompt_composer_url and not self.prompt_composer_model:
             raise ValueError("prompt_composer_url needs prompt_composer_model (the chat model's name)")
         return self
+
+    # ---- a worker per GPU, and Ray (issue 11)
+    workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
+    """Local worker processes: `auto` starts one per GPU in `gpu_devices`, each pinned to its own
+    (its CUDA_VISIBLE_DEVICES), and one on a machine without GPUs; a number starts that many, taking
+    the GPUs in turn. (With `executor = "ray"` the cluster's resources decide instead.)"""
+    gpu_devices: list[str] | None = None
+    """The GPUs local workers are pinned to (indices or UUIDs, as CUDA_VISIBLE_DEVICES names them);
+    None: every GPU this process sees (CUDA_VISIBLE_DEVICES when set, else `nvidia-smi -L`)."""
+    executor: Literal["local", "ray"] = "local"
+    """Where batches run: `local` worker processes on this machine, or `ray` actors on a Ray cluster
+    (one per GPU of every node; nodes may join and leave while Kiln runs; docs/CLUSTER.md)."""
+    ray_address: str | None = None
+    """The Ray cluster to join (`ray://…`, `host:6379` or `auto`); None: as `ray.init()` does — the
+    cluster named by RAY_ADDRESS, else a new local one."""
+    ray_namespace: str = "kiln"
+    """Ray namespace Kiln's actors live in."""
+    ray_actor_resources: dict[str, float] = Field(default_factory=dict)
+    """What one worker actor reserves, e.g. `{GPU = 1}` or `{CPU = 4}` or a custom resource;
+    empty: one GPU once the cluster has (or had) a GPU, else `torch_threads` CPUs. A node hosts as
+    many actors as its resources fit."""
+    ray_max_actors: int | None = Field(None, ge=1, le=4096)
+    """Most worker actors on the whole cluster; None: as many as its nodes fit."""
+    ray_max_restarts: int = Field(3, ge=-1, le=1000)
+    """How often Ray restarts a worker actor whose process died (its batch is run again elsewhere
+    meanwhile); an actor past it is replaced by a fresh one while its node fits one. -1: forever."""
+    ray_poll_s: float = Field(2.0, gt=0, le=60)
+    """How often the cluster's nodes are read, so nodes that join get actors and nodes that leave
+    take theirs (and their capacity) away."""
+
+    @field_validator("ray_actor_resources")
+    @classmethod
+    def _actor_resources_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        if bad := sorted(name for name, amount in value.items() if amount <= 0):
+            raise ValueError(f"ray_actor_resources must be positive amounts: {', '.join(bad)}")
+        return value
 
     @field_validator("models")
     @classmethod

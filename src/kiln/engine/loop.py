@@ -159,11 +159,12 @@ def build_local_engine(
     config: EngineConfig | None = None,
     metrics: EngineMetrics | None = None,
 ) -> tuple[AsyncEngine, Any]:
-    """The engine over local worker processes, for the app factory: returns (engine, executor).
-    Start the executor (`executor.start()`) before `await engine.start()`; shut it down after stop."""
-    from kiln.executor.local import LocalExecutor
+    """The engine over the executor the settings name (local worker processes, or Ray actors), for
+    the app factory: returns (engine, executor). Start the executor (`executor.start()`) before
+    `await engine.start()`; shut it down after stop."""
+    from kiln.executor import build_executor
 
-    executor = LocalExecutor.from_settings(settings)
+    executor = build_executor(settings)
     if metrics is not None:
         metrics.watch_model_loads(executor.model_loads)
     core = EngineCore(executor, config or EngineConfig.from_settings(settings), metrics=metrics)

@@ -4,12 +4,9 @@ The engine calls `submit`/`cancel` and drains `poll()` once per step; an executo
 in those. Outputs for one batch arrive in order: BatchStarted, BatchProgress*, then exactly one of
 BatchCompleted · BatchFailed · BatchCancelled · WorkerLost.
 
-A Ray executor fits the same shape (not built yet): one actor per GPU holding a loaded registry,
-`submit` calls `actor.run.remote(batch)` on an idle actor and keeps the ObjectRef; progress comes
-back through a `ray.util.queue.Queue` (or an actor method the worker calls), cancel is an actor
-method that sets the flag `should_cancel` reads between steps, and `poll` uses `ray.wait(refs,
-timeout=0)`: a finished ref is BatchCompleted/BatchFailed, a `RayActorError` is WorkerLost (Ray
-restarts the actor with `max_restarts`). `ray` is imported only inside that module.
+`LocalExecutor` (worker processes, `kiln.executor.local`) and `RayExecutor` (an actor per GPU of a
+Ray cluster, `kiln.executor.ray_executor`) both fit this shape and run a batch through the same
+`kiln.executor.batch_runner`; a dead process, actor or node is WorkerLost for its batch.
 """
 
 from __future__ import annotations
@@ -91,7 +88,7 @@ class ModelLoad:
 
 
 class Executor(Protocol):
-    """What the engine needs from a pool of workers (local processes today, Ray actors later)."""
+    """What the engine needs from a pool of workers (local processes or Ray actors)."""
 
     def free_slots(self) -> int:
         """Batches that could start now (idle live workers)."""

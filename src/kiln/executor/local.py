@@ -1,4 +1,5 @@
-"""LocalExecutor: N worker processes on this machine (spawned, one batch each), results over pipes.
+"""LocalExecutor: N worker processes on this machine (spawned, one batch each, each pinned to its own
+GPU where there are GPUs), results over pipes.
 
 A reader thread turns pipe messages and process deaths into outputs; a worker that dies (kill -9,
 a segfaulting kernel) is reported as WorkerLost for its batch and replaced at once. Deciding what
@@ -41,9 +42,13 @@ class _Worker:
     process: Any
     inbox: Connection  # parent → child
     outbox: Connection  # child → parent
+    gpu: str | None = None
+    """The GPU it was pinned to (what its CUDA_VISIBLE_DEVICES was set to), None on CPU."""
     batch_id: str | None = None
     ready: bool = False
     down: bool = False
+    gpus_seen: str | None = None
+    """The CUDA_VISIBLE_DEVICES the worker itself reported when ready."""
     loads: dict[str, ModelLoad] = field(default_factory=dict)
     """Models it loaded, by name (what /metrics reports per worker)."""
 
@@ -59,10 +64,15 @@ class LocalExecutor:
         *,
         workers: int = 1,
         torch_threads: int = 1,
+        gpus: list[str | None] | None = None,
     ) -> None:
+        """`gpus`: the GPU each worker slot is pinned to (`kiln.executor.gpus.worker_gpus`); None
+        pins none (every worker sees what this process sees)."""
         self._models = models
         self._aliases = aliases
         self._default = default
+        self._gpus = list(gpus) if gpus is not None else [None] * workers
+        workers = len(self._gpus)
         self._size = workers
         self._torch_threads = torch_threads
         self._ctx = multiprocessing.get_context("spawn")
@@ -79,14 +89,23 @@ class LocalExecutor:
         self.restarts = 0
 
     @classmethod
-    def from_registry(cls, registry: ModelRegistry, *, workers: int = 1, torch_threads: int = 1) -> LocalExecutor:
+    def from_registry(
+        cls, registry: ModelRegistry, *, workers: int = 1, torch_threads: int = 1,
+        gpus: list[str | None] | None = None,
+    ) -> LocalExecutor:
         models = {name: registry.info(name) for name in registry.names}
-        return cls(models, registry.aliases, registry.default, workers=workers, torch_threads=torch_threads)
+        return cls(models, registry.aliases, registry.default, workers=workers, torch_threads=torch_threads,
+                   gpus=gpus)
 
     @classmethod
     def from_settings(cls, settings: Any) -> LocalExecutor:
+        """`workers` (a number or `auto`: one per GPU) over `gpu_devices` (None: every visible GPU)."""
+        from kiln.executor.gpus import visible_gpus, worker_gpus
+
         registry = ModelRegistry.from_settings(settings)
-        return cls.from_registry(registry, workers=settings.workers, torch_threads=settings.torch_threads)
+        devices = settings.gpu_devices if settings.gpu_devices is not None else visible_gpus()
+        gpus = worker_gpus(settings.workers, devices)
+        return cls.from_registry(registry, torch_threads=settings.torch_threads, gpus=gpus)
 
     # ---- lifecycle
 
@@ -124,14 +143,15 @@ class LocalExecutor:
         parent_out, child_out = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=worker_main,
-            args=(worker_id, child_in, child_out, self._models, self._aliases, self._default, self._torch_threads),
+            args=(worker_id, child_in, child_out, self._models, self._aliases, self._default, self._torch_threads,
+                  self._gpus[slot]),
             name=f"kiln-worker-{worker_id}",
             daemon=True,
         )
         process.start()
         child_in.close()
         child_out.close()
-        return _Worker(worker_id, process, parent_in, parent_out)
+        return _Worker(worker_id, process, parent_in, parent_out, gpu=self._gpus[slot])
 
     # ---- the Executor interface
 
@@ -196,6 +216,11 @@ class LocalExecutor:
         with self._lock:
             return [w.process.pid for w in self._workers]
 
+    def worker_gpus(self) -> list[str | None]:
+        """The GPUs the ready workers reported they were given (their CUDA_VISIBLE_DEVICES), by slot."""
+        with self._lock:
+            return [w.gpus_seen for w in self._workers if w.ready and not w.down]
+
     def model_loads(self) -> list[ModelLoad]:
         """What each live worker loaded: load seconds and memory (read by /metrics at scrape time)."""
         with self._lock:
@@ -245,6 +270,7 @@ class LocalExecutor:
         if isinstance(message, WorkerReady):  # only now is it a slot: a send to a loading worker could block
             with self._lock:
                 worker.ready = True
+                worker.gpus_seen = message.gpus
                 worker.loads.update({load.model: load for load in message.loads})
                 self._changed.notify_all()
             self._notify_driver()

@@ -44,6 +44,8 @@ class WorkerReady:
 
     worker_id: str
     loads: tuple[ModelLoad, ...] = ()
+    gpus: str | None = None
+    """The GPUs the worker was given (its CUDA_VISIBLE_DEVICES; None: unrestricted, as on CPU)."""
 
 
 @dataclass(frozen=True)
