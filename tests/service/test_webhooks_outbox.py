@@ -70,6 +70,20 @@ def test_each_transition_writes_its_delivery_once_and_they_are_claimed_in_order(
     assert [d.event_type for d in second] == ["job.failed"]
     assert webhooks_outbox.pending_count(db) == 3
 
+    # 410 Gone: the endpoint is disabled for ann, her other pending deliveries to it are dropped,
+    # and so is any written later; another endpoint is untouched.
+    waiting = admit(db, tmp_path, ann.name, "http://127.0.0.1:9/hook")
+    jobs.mark_running_many(db, {waiting.id: 1})
+    assert webhooks_outbox.disable_endpoint(db, second[0], attempts=1, status_code=410) == 1
+    later = admit(db, tmp_path, ann.name, "http://127.0.0.1:9/hook")
+    jobs.mark_running_many(db, {later.id: 1})
+    claimed, dropped = webhooks_outbox.claim_due(db, 10, claim_s=0)
+    assert dropped == 1 and claimed == []  # cancelled's progress is still claimed (for 60 s)
+    assert [r["status"] for r in webhooks_outbox.deliveries_of(db, job.id)] == ["delivered", "disabled"]
+    assert [r["status"] for r in webhooks_outbox.deliveries_of(db, waiting.id)] == ["dropped"]
+    assert [r["status"] for r in webhooks_outbox.deliveries_of(db, later.id)] == ["dropped"]
+    assert webhooks_outbox.pending_count(db) == 2  # the other endpoint's two
+
 
 @pytest.mark.parametrize("allow_private", [False, True])
 def test_the_deliverer_refuses_a_private_address_at_send_time_unless_allowed(db, tmp_path, make_user,
