@@ -85,7 +85,8 @@ class Receiver:
         with self._changed:
             while not condition(self.received):
                 left = deadline - time.monotonic()
-                assert left > 0, f"timed out; received: {[(d.path, d.status, d.payload and d.payload['type']) for d in self.received]}"
+                seen = [(d.path, d.status, d.payload and d.payload["type"]) for d in self.received]
+                assert left > 0, f"timed out; received: {seen}"
                 self._changed.wait(left)
             return list(self.received)
 

@@ -198,7 +198,8 @@ class Settings(BaseSettings):
 
     # ---- webhooks (Standard Webhooks deliveries of job events)
     webhook_retry_schedule_s: list[float] = Field(
-        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0],
+        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0,
+                                 86400.0],
         min_length=1, max_length=50)
     """Delays before each try of a webhook delivery (the first is the first try); with ±20 % jitter, and
     never sooner than a receiver's Retry-After. Past the last, the delivery is given up (`failed`)."""

@@ -278,7 +278,8 @@ def report_progress(db: sessionmaker[Session], job_id: str, step: int, total: in
         view = _load(session, job_id)
         if view is None or view.status != "running":
             return False
-        return webhooks_outbox.enqueue(session, view, "progress", {"progress": {"step": step, "total": total}}) is not None
+        progress = {"progress": {"step": step, "total": total}}
+        return webhooks_outbox.enqueue(session, view, "progress", progress) is not None
 
 
 def requeue_job(db: sessionmaker[Session], job_id: str) -> bool:

@@ -16,6 +16,7 @@ import email.utils
 import logging
 import random
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +36,8 @@ SPEC_SCHEDULE_S = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 7
 JITTER = 0.2
 """A retry's delay is the schedule's ± this fraction, so a receiver coming back is not stampeded."""
 MAX_BODY_READ = 4096
+PENDING_EVERY_S = 5.0
+"""How often the pending-rows gauge is recounted while nothing is being sent."""
 OUTCOMES = ("delivered", "retrying", "failed", "disabled", "dropped", "refused")
 
 
@@ -105,12 +108,13 @@ class WebhookDeliverer:
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._ready = threading.Event()
+        self._counted_at = float("-inf")
 
     @classmethod
     def of(cls, settings: Any, db: sessionmaker[Session], registry: CollectorRegistry) -> WebhookDeliverer:
         """A deliverer configured by Kiln's settings (the `webhook_*` ones)."""
-        return cls(db, schedule_s=settings.webhook_retry_schedule_s, allow_private=settings.webhook_allow_private,
-                   poll_s=settings.webhook_poll_s, connect_timeout_s=settings.webhook_connect_timeout_s,
+        return cls(db, schedule_s=settings.webhook_retry_schedule_s,
+                   allow_private=settings.webhook_allow_private, poll_s=settings.webhook_poll_s, connect_timeout_s=settings.webhook_connect_timeout_s,
                    timeout_s=settings.webhook_timeout_s, max_concurrent=settings.webhook_max_concurrent,
                    registry=registry)
 
@@ -171,7 +175,10 @@ class WebhookDeliverer:
         if dropped:
             self.metrics.deliveries.labels("dropped").inc(dropped)
         await asyncio.gather(*(self._deliver(client, item) for item in due))
-        self.metrics.pending.set(await asyncio.to_thread(webhooks_outbox.pending_count, self.db))
+        now = time.monotonic()
+        if due or dropped or now - self._counted_at >= PENDING_EVERY_S:
+            self._counted_at = now
+            self.metrics.pending.set(await asyncio.to_thread(webhooks_outbox.pending_count, self.db))
         return len(due) + dropped
 
     async def _deliver(self, client: httpx.AsyncClient, due: Due) -> None:
@@ -211,8 +218,8 @@ class WebhookDeliverer:
                                     status_code=code)
             self.metrics.deliveries.labels("delivered").inc()
         elif code == 410:
-            dropped = await asyncio.to_thread(webhooks_outbox.disable_endpoint, self.db, due, attempts=attempts,
-                                              status_code=code)
+            dropped = await asyncio.to_thread(webhooks_outbox.disable_endpoint, self.db, due,
+                                              attempts=attempts, status_code=code)
             log.warning("webhook endpoint %s answered 410 Gone: disabled for %s", due.url, due.user_id)
             self.metrics.deliveries.labels("disabled").inc()
             if dropped:

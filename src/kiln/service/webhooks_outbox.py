@@ -28,6 +28,8 @@ DEFAULT_EVENTS = ("started", "completed", "failed", "cancelled")
 PROGRESS_EVERY_S = 0.5
 TERMINAL_EVENT = {"succeeded": "completed", "failed": "failed", "cancelled": "cancelled"}
 
+DROPPED = "the endpoint was disabled (it answered 410 Gone)"
+
 _deliveries = WebhookDelivery.__table__
 _disabled = WebhookDisabledUrl.__table__
 
@@ -122,6 +124,10 @@ def claim_due(db: sessionmaker[Session], limit: int, claim_s: float) -> tuple[li
     now = utcnow()
     blocked = select(earlier.c.seq).where(
         earlier.c.job_id == d.c.job_id, earlier.c.status == "pending", earlier.c.seq < d.c.seq).exists()
+    with db() as session:  # the usual answer, "nothing due", costs no write lock (SQLite has one)
+        if session.scalar(select(d.c.seq).where(d.c.status == "pending", d.c.next_attempt_at <= now)
+                          .limit(1)) is None:
+            return [], 0
     with write_transaction(db) as session:
         rows = session.execute(
             select(d.c.seq, d.c.id, d.c.job_id, d.c.user_id, d.c.url, d.c.event_type, d.c.body, d.c.attempts)
@@ -137,7 +143,7 @@ def claim_due(db: sessionmaker[Session], limit: int, claim_s: float) -> tuple[li
         dropped = [row.seq for row in rows if (row.user_id, row.url) in off]
         if dropped:
             session.execute(update(d).where(d.c.seq.in_(dropped)).values(
-                status="dropped", finished_at=now, last_error="the endpoint was disabled (it answered 410 Gone)"))
+                status="dropped", finished_at=now, last_error=DROPPED))
         claimed = [Due(*row) for row in rows if row.seq not in set(dropped)]
         if claimed:
             session.execute(update(d).where(d.c.seq.in_([c.seq for c in claimed])).values(
@@ -174,9 +180,9 @@ def disable_endpoint(db: sessionmaker[Session], due: Due, *, attempts: int, stat
             status="disabled", attempts=attempts, last_status_code=status_code, finished_at=now,
             last_error="the receiver answered 410 Gone: endpoint disabled"))
         return session.execute(update(_deliveries).where(
-            _deliveries.c.user_id == due.user_id, _deliveries.c.url == due.url, _deliveries.c.status == "pending",
-        ).values(status="dropped", finished_at=now,
-                 last_error="the endpoint was disabled (it answered 410 Gone)")).rowcount
+            _deliveries.c.user_id == due.user_id, _deliveries.c.url == due.url,
+            _deliveries.c.status == "pending",
+        ).values(status="dropped", finished_at=now, last_error=DROPPED)).rowcount
 
 
 def pending_count(db: sessionmaker[Session]) -> int:

@@ -32,15 +32,21 @@ def _insert_if_missing(session: Session, user_id: str, secret: str) -> None:
                     .on_conflict_do_nothing(index_elements=["user_id"]))
 
 
+def _current(session: Session, user_id: str) -> str | None:
+    return session.scalar(select(WebhookSecret.secret).where(WebhookSecret.user_id == user_id))
+
+
 def get_secret(db: sessionmaker[Session], user_id: str) -> str:
     """The user's current secret, made now if they have none (two first reads agree on one)."""
     with db() as session:
-        found = session.scalar(select(WebhookSecret.secret).where(WebhookSecret.user_id == user_id))
+        found = _current(session, user_id)
     if found is not None:
         return found
     with write_transaction(db) as session:
         _insert_if_missing(session, user_id, new_secret())
-        return session.scalar(select(WebhookSecret.secret).where(WebhookSecret.user_id == user_id))  # type: ignore[return-value]
+        stored = _current(session, user_id)
+    assert stored is not None
+    return stored
 
 
 def rotate_secret(db: sessionmaker[Session], user_id: str) -> str:
@@ -53,4 +59,6 @@ def rotate_secret(db: sessionmaker[Session], user_id: str) -> str:
         ).rowcount
         if replaced == 0:
             _insert_if_missing(session, user_id, secret)
-        return session.scalar(select(WebhookSecret.secret).where(WebhookSecret.user_id == user_id))  # type: ignore[return-value]
+        stored = _current(session, user_id)
+    assert stored is not None
+    return stored
