@@ -109,3 +109,20 @@ def test_the_deliverer_refuses_a_private_address_at_send_time_unless_allowed(db,
     else:
         assert status == "refused" and receiver.received == []
         assert "localhost" in webhooks_outbox.deliveries_of(db, job.id)[0]["last_error"]
+
+
+def test_a_redirect_is_not_followed_and_not_a_success(db, tmp_path, make_user) -> None:
+    ann = make_user("ann", plan="plus")
+    receiver = Receiver(free_port()).start()
+    receiver.answer = lambda path, headers: (307, {"Location": "/elsewhere"}) if path == "/hook" else (204, {})
+    job = admit(db, tmp_path, ann.name, receiver.url("/hook"), ["started"])
+    jobs.mark_running_many(db, {job.id: 1})
+    deliverer = WebhookDeliverer(db, allow_private=True, poll_s=0.05, schedule_s=[0.0])  # one try only
+    deliverer.start()
+    try:
+        row = wait_until(lambda: (r := webhooks_outbox.deliveries_of(db, job.id)[0])["status"] != "pending" and r)
+    finally:
+        deliverer.stop()
+        receiver.stop()
+    assert row["status"] == "failed" and row["last_status_code"] == 307 and row["attempts"] == 1
+    assert [d.path for d in receiver.received] == ["/hook"]
