@@ -208,3 +208,18 @@ def test_bad_or_private_webhook_urls_are_refused_at_submit_and_nothing_is_charge
             assert refused.status_code == 400 and refused.json()["error"]["param"].startswith(param), refused.text
         assert http.get("/v1/usage").json()["used"] == 0
         assert http.get("/v1/jobs").json()["data"] == []
+
+
+@sqlite_only
+def test_a_job_cancelled_through_the_api_reports_it_refunded(start_server, settings, tmp_path, make_user,
+                                                             receiver) -> None:
+    server = start_server(hook_settings(settings, tmp_path, hold=True))  # it stays queued
+    ann = make_user(plan="plus")
+    with server.client(ann.key) as http:
+        receiver.secrets["/hook"] = secret_of(http)
+        job = submit(http, receiver.url("/hook"))
+        assert http.delete(f"/v1/jobs/{job['id']}").status_code == 200
+        (cancelled,) = receiver.wait_for(lambda got: len(got) == 1)
+        assert cancelled.verified and cancelled.payload["type"] == "job.cancelled"
+        assert cancelled.payload["data"] == http.get(f"/v1/jobs/{job['id']}").json()
+        assert cancelled.payload["data"]["charge_state"] == "refunded"

@@ -126,3 +126,54 @@ def test_a_redirect_is_not_followed_and_not_a_success(db, tmp_path, make_user) -
         receiver.stop()
     assert row["status"] == "failed" and row["last_status_code"] == 307 and row["attempts"] == 1
     assert [d.path for d in receiver.received] == ["/hook"]
+
+
+def test_two_deliverers_share_the_outbox_each_event_once_and_each_job_in_order(db, tmp_path, make_user) -> None:
+    ann = make_user("ann", plan="plus")
+    update_plan(db, "plus", max_concurrent=20)
+    receiver = Receiver(free_port()).start()
+    receiver.secrets["/hook"] = webhooks_secret.get_secret(db, ann.user_id)
+    made = [admit(db, tmp_path, ann.name, receiver.url("/hook")) for _ in range(8)]
+    jobs.mark_running_many(db, {job.id: 1 for job in made})
+    for job in made:
+        jobs.fail_job(db, job.id, "boom", "it broke")
+    pair = [WebhookDeliverer(db, allow_private=True, poll_s=0.02, max_concurrent=3) for _ in range(2)]
+    for deliverer in pair:
+        deliverer.start()
+    try:
+        got = receiver.wait_for(lambda got: len(got) >= 16)
+        wait_until(lambda: webhooks_outbox.pending_count(db) == 0)
+    finally:
+        for deliverer in pair:
+            deliverer.stop()
+        receiver.stop()
+    assert len(receiver.received) == 16 and all(d.verified for d in receiver.received)
+    assert len({d.headers["webhook-id"] for d in got}) == 16  # each once, across both deliverers
+    for job in made:
+        assert [d.payload["type"] for d in got if d.payload["data"]["id"] == job.id] == ["job.started", "job.failed"]
+    assert sum(d.metrics.deliveries.labels("delivered")._value.get() for d in pair) == 16
+
+
+def test_deliveries_outlive_the_deliverer_and_keep_their_webhook_id(db, tmp_path, make_user) -> None:
+    ann = make_user("ann", plan="plus")
+    receiver = Receiver(free_port())  # not listening while the first deliverer tries
+    receiver.secrets["/hook"] = webhooks_secret.get_secret(db, ann.user_id)
+    job = admit(db, tmp_path, ann.name, receiver.url("/hook"), ["started"])
+    jobs.mark_running_many(db, {job.id: 1})
+    (row,) = webhooks_outbox.deliveries_of(db, job.id)
+    first = WebhookDeliverer(db, allow_private=True, poll_s=0.02, schedule_s=[0.0, 0.1, 1.0, 1.0])
+    first.start()
+    try:
+        wait_until(lambda: webhooks_outbox.deliveries_of(db, job.id)[0]["attempts"] >= 2)
+    finally:
+        first.stop()  # as a scheduler going away: what it could not deliver stays in the outbox
+    assert webhooks_outbox.deliveries_of(db, job.id)[0]["status"] == "pending"
+    receiver.start()
+    second = WebhookDeliverer(db, allow_private=True, poll_s=0.02, schedule_s=[0.0, 0.1, 0.1, 0.1, 0.1])
+    second.start()
+    try:
+        (delivery,) = receiver.wait_for(lambda got: len(got) == 1)
+    finally:
+        second.stop()
+        receiver.stop()
+    assert delivery.verified and delivery.headers["webhook-id"] == row["id"]
