@@ -27,8 +27,8 @@ from standardwebhooks import Webhook
 
 from kiln.db.models import utcnow
 from kiln.errors import InvalidRequest
-from kiln.service import webhooks_guard, webhooks_outbox, webhooks_secret
-from kiln.service.webhooks_outbox import Due
+from kiln.service import webhooks_guard, webhooks_outbox
+from kiln.service.webhooks_outbox import Due, Settlement
 
 log = logging.getLogger(__name__)
 
@@ -169,32 +169,34 @@ class WebhookDeliverer:
         self._wake.clear()
 
     async def _round(self, client: httpx.AsyncClient) -> int:
-        """Claim what is due and send it (each delivery on its own); returns how many were claimed."""
+        """Claim what is due, send it (each delivery on its own) and record the outcomes in one
+        transaction; returns how many were claimed or dropped."""
         due, dropped = await asyncio.to_thread(webhooks_outbox.claim_due, self.db, self.max_concurrent,
                                                self.claim_s)
-        if dropped:
-            self.metrics.deliveries.labels("dropped").inc(dropped)
-        await asyncio.gather(*(self._deliver(client, item) for item in due))
+        self._count("dropped", dropped)
+        outcomes = await asyncio.gather(*(self._deliver(client, item) for item in due))
+        await asyncio.to_thread(webhooks_outbox.settle_many, self.db, [o for o in outcomes if o is not None])
         now = time.monotonic()
         if due or dropped or now - self._counted_at >= PENDING_EVERY_S:
             self._counted_at = now
             self.metrics.pending.set(await asyncio.to_thread(webhooks_outbox.pending_count, self.db))
         return len(due) + dropped
 
-    async def _deliver(self, client: httpx.AsyncClient, due: Due) -> None:
+    def _count(self, outcome: str, n: int = 1) -> None:
+        if n:
+            self.metrics.deliveries.labels(outcome).inc(n)
+
+    async def _deliver(self, client: httpx.AsyncClient, due: Due) -> Settlement | None:
+        """One attempt; its outcome to record (None: already recorded, a 410's)."""
         attempts = due.attempts + 1
         try:
             target = await asyncio.to_thread(webhooks_guard.pin, due.url, self.allow_private)
         except InvalidRequest as exc:  # resolves somewhere it may not go: never sent
             log.warning("webhook %s to %s refused: %s", due.id, due.url, exc.message)
-            await asyncio.to_thread(webhooks_outbox.settle, self.db, due.seq, "refused", attempts=attempts,
-                                    error=exc.message)
-            self.metrics.deliveries.labels("refused").inc()
-            return
+            self._count("refused")
+            return Settlement(due.seq, "refused", attempts, error=exc.message)
         except OSError as exc:
-            await self._failed(due, attempts, None, f"the name did not resolve: {exc}")
-            return
-        secret = await asyncio.to_thread(webhooks_secret.get_secret, self.db, due.user_id)
+            return self._failed(due, attempts, None, f"the name did not resolve: {exc}")
         now = utcnow()
         headers = {
             "host": target.host_header,
@@ -202,7 +204,7 @@ class WebhookDeliverer:
             "user-agent": "Kiln-Webhooks",
             "webhook-id": due.id,
             "webhook-timestamp": str(int(now.timestamp())),
-            "webhook-signature": Webhook(secret).sign(due.id, now, due.body),
+            "webhook-signature": Webhook(due.secret).sign(due.id, now, due.body),
         }
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -210,37 +212,30 @@ class WebhookDeliverer:
                                          extensions=target.extensions) as response:
                     answer = await _read_some(response)
         except (httpx.HTTPError, TimeoutError) as exc:
-            await self._failed(due, attempts, None, f"{type(exc).__name__}: {exc}"[:500])
-            return
+            return self._failed(due, attempts, None, f"{type(exc).__name__}: {exc}"[:500])
         code = response.status_code
         if 200 <= code < 300:
-            await asyncio.to_thread(webhooks_outbox.settle, self.db, due.seq, "delivered", attempts=attempts,
-                                    status_code=code)
-            self.metrics.deliveries.labels("delivered").inc()
-        elif code == 410:
+            self._count("delivered")
+            return Settlement(due.seq, "delivered", attempts, status_code=code)
+        if code == 410:
             dropped = await asyncio.to_thread(webhooks_outbox.disable_endpoint, self.db, due,
                                               attempts=attempts, status_code=code)
             log.warning("webhook endpoint %s answered 410 Gone: disabled for %s", due.url, due.user_id)
-            self.metrics.deliveries.labels("disabled").inc()
-            if dropped:
-                self.metrics.deliveries.labels("dropped").inc(dropped)
-        else:
-            await self._failed(due, attempts, code, f"HTTP {code}: {answer}"[:500],
-                               retry_after_of(response.headers.get("retry-after")))
+            self._count("disabled")
+            self._count("dropped", dropped)
+            return None
+        return self._failed(due, attempts, code, f"HTTP {code}: {answer}"[:500],
+                            retry_after_of(response.headers.get("retry-after")))
 
-    async def _failed(self, due: Due, attempts: int, code: int | None, error: str,
-                      retry_after_s: float | None = None) -> None:
+    def _failed(self, due: Due, attempts: int, code: int | None, error: str,
+                retry_after_s: float | None = None) -> Settlement:
         delay = retry_delay_s(self.schedule_s, attempts, retry_after_s)
         if delay is None:
             log.warning("webhook %s to %s failed after %d attempts: %s", due.id, due.url, attempts, error)
-            await asyncio.to_thread(webhooks_outbox.settle, self.db, due.seq, "failed", attempts=attempts,
-                                    status_code=code, error=error)
-            self.metrics.deliveries.labels("failed").inc()
-            return
-        await asyncio.to_thread(webhooks_outbox.settle, self.db, due.seq, "pending", attempts=attempts,
-                                status_code=code, error=error,
-                                next_attempt_at=utcnow() + dt.timedelta(seconds=delay))
-        self.metrics.deliveries.labels("retrying").inc()
+            self._count("failed")
+            return Settlement(due.seq, "failed", attempts, code, error)
+        self._count("retrying")
+        return Settlement(due.seq, "pending", attempts, code, error, utcnow() + dt.timedelta(seconds=delay))
 
 
 async def _read_some(response: httpx.Response) -> str:

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from kiln.db.engine import write_transaction
 from kiln.db.models import new_id, utcnow
 from kiln.db.webhook_models import WebhookDelivery, WebhookDisabledUrl
+from kiln.service.webhooks_secret import secrets_of
 
 EVENTS = ("started", "progress", "completed", "failed", "cancelled")
 DEFAULT_EVENTS = ("started", "completed", "failed", "cancelled")
@@ -113,6 +114,20 @@ class Due:
     event_type: str
     body: str
     attempts: int
+    secret: str = ""
+    """The user's signing secret as it is now (read with the claim: a rotation applies to the next)."""
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """The outcome of one attempt: `pending` again (due at `next_attempt_at`), or final."""
+
+    seq: int
+    status: str
+    attempts: int
+    status_code: int | None = None
+    error: str | None = None
+    next_attempt_at: dt.datetime | None = None
 
 
 def claim_due(db: sessionmaker[Session], limit: int, claim_s: float) -> tuple[list[Due], int]:
@@ -144,7 +159,9 @@ def claim_due(db: sessionmaker[Session], limit: int, claim_s: float) -> tuple[li
         if dropped:
             session.execute(update(d).where(d.c.seq.in_(dropped)).values(
                 status="dropped", finished_at=now, last_error=DROPPED))
-        claimed = [Due(*row) for row in rows if row.seq not in set(dropped)]
+        live = [row for row in rows if row.seq not in set(dropped)]
+        secrets = secrets_of(session, {row.user_id for row in live}) if live else {}
+        claimed = [Due(*row, secret=secrets[row.user_id]) for row in live]
         if claimed:
             session.execute(update(d).where(d.c.seq.in_([c.seq for c in claimed])).values(
                 next_attempt_at=now + dt.timedelta(seconds=claim_s)))
@@ -153,16 +170,25 @@ def claim_due(db: sessionmaker[Session], limit: int, claim_s: float) -> tuple[li
 
 def settle(db: sessionmaker[Session], seq: int, status: str, *, attempts: int, status_code: int | None = None,
            error: str | None = None, next_attempt_at: dt.datetime | None = None) -> None:
-    """Record an attempt: `pending` again (due at `next_attempt_at`), or final (delivered, failed,
-    refused)."""
-    values: dict[str, Any] = dict(status=status, attempts=attempts, last_status_code=status_code,
-                                  last_error=None if error is None else error[:2000])
-    if status == "pending":
-        values["next_attempt_at"] = next_attempt_at or utcnow()
-    else:
-        values["finished_at"] = utcnow()
+    """Record one attempt (see `settle_many`)."""
+    settle_many(db, [Settlement(seq, status, attempts, status_code, error, next_attempt_at)])
+
+
+def settle_many(db: sessionmaker[Session], outcomes: list[Settlement]) -> None:
+    """Record attempts in one transaction: `pending` again, or final (delivered, failed, refused)."""
+    if not outcomes:
+        return
+    now = utcnow()
     with write_transaction(db) as session:
-        session.execute(update(_deliveries).where(_deliveries.c.seq == seq).values(**values))
+        for outcome in outcomes:
+            values: dict[str, Any] = dict(
+                status=outcome.status, attempts=outcome.attempts, last_status_code=outcome.status_code,
+                last_error=None if outcome.error is None else outcome.error[:2000])
+            if outcome.status == "pending":
+                values["next_attempt_at"] = outcome.next_attempt_at or now
+            else:
+                values["finished_at"] = now
+            session.execute(update(_deliveries).where(_deliveries.c.seq == outcome.seq).values(**values))
 
 
 def disable_endpoint(db: sessionmaker[Session], due: Due, *, attempts: int, status_code: int) -> int:

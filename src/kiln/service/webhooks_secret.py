@@ -32,6 +32,19 @@ def _insert_if_missing(session: Session, user_id: str, secret: str) -> None:
                     .on_conflict_do_nothing(index_elements=["user_id"]))
 
 
+def secrets_of(session: Session, user_ids: set[str]) -> dict[str, str]:
+    """The users' current secrets inside the caller's (write) transaction, made for those who have none."""
+    found = {user_id: secret for user_id, secret in session.execute(
+        select(WebhookSecret.user_id, WebhookSecret.secret).where(WebhookSecret.user_id.in_(user_ids)))}
+    missing = user_ids - found.keys()
+    for user_id in missing:
+        _insert_if_missing(session, user_id, new_secret())
+    if missing:
+        found.update((user_id, secret) for user_id, secret in session.execute(
+            select(WebhookSecret.user_id, WebhookSecret.secret).where(WebhookSecret.user_id.in_(missing))))
+    return found
+
+
 def _current(session: Session, user_id: str) -> str | None:
     return session.scalar(select(WebhookSecret.secret).where(WebhookSecret.user_id == user_id))
 
