@@ -161,10 +161,11 @@ def test_a_receiver_that_is_down_gets_every_event_once_it_is_back_in_order(start
 def test_410_gone_disables_the_endpoint_for_that_user(start_server, settings, tmp_path, make_user,
                                                      receiver) -> None:
     server = start_server(hook_settings(settings, tmp_path))
-    ann = make_user(plan="plus")
-    receiver.answer = lambda path, headers: (410, {}) if path == "/gone" else (204, {})
+    ann, bob = make_user(plan="plus"), make_user(plan="plus")
+    gone = {"/gone"}
+    receiver.answer = lambda path, headers: (410, {}) if path in gone else (204, {})
     db = server.state.db
-    with server.client(ann.key) as http:
+    with server.client(ann.key) as http, server.client(bob.key) as other:
         receiver.secrets.update({"/gone": secret_of(http), "/fine": secret_of(http)})
         first = submit(http, receiver.url("/gone"))
         finished(http, first["id"])
@@ -188,6 +189,18 @@ def test_410_gone_disables_the_endpoint_for_that_user(start_server, settings, tm
         assert settled(later["id"]) == ["dropped", "dropped"]
         assert [d.path for d in receiver.received].count("/gone") == 1 and elsewhere["id"]
         assert all(d.verified for d in receiver.received)
+
+        record = http.get(f"/v1/jobs/{later['id']}/webhooks").json()["data"]  # what became of each
+        assert [(r["type"], r["status"]) for r in record] == [("job.started", "dropped"), ("job.completed", "dropped")]
+        assert other.get(f"/v1/jobs/{later['id']}/webhooks").status_code == 404  # never anyone else's
+        assert [e["url"] for e in http.get("/v1/webhooks/disabled").json()["data"]] == [receiver.url("/gone")]
+        assert other.get("/v1/webhooks/disabled").json()["data"] == []
+        assert other.delete("/v1/webhooks/disabled", params={"url": receiver.url("/gone")}).status_code == 404
+        gone.clear()  # the receiver is back; its owner enables the endpoint again
+        enabled = http.delete("/v1/webhooks/disabled", params={"url": receiver.url("/gone")})
+        assert enabled.status_code == 200 and enabled.json()["data"] == []
+        again = submit(http, receiver.url("/gone"), webhook_events=["completed"])
+        receiver.wait_for(lambda got: any(d.payload["data"]["id"] == again["id"] for d in receiver.accepted("/gone")))
 
 
 @sqlite_only

@@ -213,6 +213,37 @@ class WebhookSecretResponse(BaseModel):
     """`whsec_…`: verify deliveries with `standardwebhooks.Webhook(secret).verify(body, headers)`."""
 
 
+class WebhookDeliveryInfo(BaseModel):
+    """One event of a job's webhook and what became of it."""
+
+    id: str
+    """The webhook-id header it is (or was) sent with."""
+    type: str
+    url: str
+    status: Literal["pending", "delivered", "failed", "disabled", "dropped", "refused"]
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    created: int
+    finished: int | None
+
+
+class WebhookDeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookDeliveryInfo]
+
+
+class DisabledEndpoint(BaseModel):
+    url: str
+    disabled: int
+    """When it answered 410 Gone (Unix seconds)."""
+
+
+class DisabledEndpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DisabledEndpoint]
+
+
 class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[JobInfo]

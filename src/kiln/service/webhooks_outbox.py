@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from kiln.db.engine import write_transaction
@@ -218,7 +218,31 @@ def pending_count(db: sessionmaker[Session]) -> int:
 
 
 def deliveries_of(db: sessionmaker[Session], job_id: str) -> list[dict[str, Any]]:
-    """A job's deliveries in order (for operators and tests)."""
+    """A job's deliveries in order, their times in UTC."""
     with db() as session:
-        return [dict(row) for row in session.execute(
+        rows = [dict(row) for row in session.execute(
             select(_deliveries).where(_deliveries.c.job_id == job_id).order_by(_deliveries.c.seq)).mappings()]
+    for row in rows:
+        for name in ("created_at", "finished_at", "next_attempt_at"):
+            row[name] = _aware(row[name])
+    return rows
+
+
+def disabled_endpoints(db: sessionmaker[Session], user_id: str) -> list[tuple[str, dt.datetime]]:
+    """The user's endpoints that answered 410 Gone, newest first: (url, disabled_at)."""
+    with db() as session:
+        return [(url, at if at.tzinfo else at.replace(tzinfo=dt.UTC)) for url, at in session.execute(
+            select(_disabled.c.url, _disabled.c.disabled_at).where(_disabled.c.user_id == user_id)
+            .order_by(_disabled.c.disabled_at.desc()))]
+
+
+def enable_endpoint(db: sessionmaker[Session], user_id: str, url: str) -> bool:
+    """Deliveries to `url` (written from now on) are sent again; False if it was not disabled."""
+    with write_transaction(db) as session:
+        return session.execute(delete(_disabled).where(_disabled.c.user_id == user_id,
+                                                       _disabled.c.url == url)).rowcount == 1
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite hands datetimes back naive; they were written in UTC."""
+    return value if value is None or value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
