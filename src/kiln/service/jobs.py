@@ -3,7 +3,8 @@ and the transitions the scheduler drives — running, succeeded (images stored, 
 (charge refunded exactly once).
 
 Every transition is a conditional UPDATE on the job's status, so calling one twice, or racing a cancel
-against a completion, changes the ledger at most once. Knows no HTTP and no scheduler.
+against a completion, changes the ledger at most once; the one that happened writes its webhook
+delivery (`webhooks_outbox`) in the same transaction. Knows no HTTP and no scheduler.
 """
 
 from __future__ import annotations
