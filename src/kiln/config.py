@@ -283,6 +283,24 @@ class Settings(BaseSettings):
         if bad := sorted(name for name, amount in value.items() if amount <= 0):
             raise ValueError(f"ray_actor_resources must be positive amounts: {', '.join(bad)}")
         return value
+    # ---- webhooks (Standard Webhooks deliveries of job events)
+    webhook_retry_schedule_s: list[float] = Field(
+        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0,
+                                 86400.0],
+        min_length=1, max_length=50)
+    """Delays before each try of a webhook delivery (the first is the first try); with ±20 % jitter, and
+    never sooner than a receiver's Retry-After. Past the last, the delivery is given up (`failed`)."""
+    webhook_allow_private: bool = False
+    """Allow webhook URLs on loopback, private, link-local and CGNAT addresses (receivers on your own
+    network); cloud metadata addresses stay refused either way."""
+    webhook_poll_s: float = Field(0.5, gt=0, le=60)
+    """How often the scheduler looks for due webhook deliveries (those written by other processes)."""
+    webhook_connect_timeout_s: float = Field(3.0, gt=0, le=60)
+    """A webhook receiver must accept the connection within this."""
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120)
+    """A webhook delivery (connect, send, answer) must be over within this, or it is tried again."""
+    webhook_max_concurrent: int = Field(16, ge=1, le=1000)
+    """Webhook deliveries sent at once by one scheduler (each job's events stay in order)."""
 
     @field_validator("models")
     @classmethod

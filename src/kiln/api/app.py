@@ -11,7 +11,7 @@ from kiln import __version__
 from kiln.api.body_limit import BodySizeLimit
 from kiln.api.errors import install_error_handlers
 from kiln.api.refusal_gate import RefusalGate
-from kiln.api.routes import health, images, jobs, keys, metrics, models, usage
+from kiln.api.routes import health, images, jobs, keys, metrics, models, usage, webhooks
 from kiln.api.state import AppState
 from kiln.config import Settings, load_settings
 from kiln.service.clock import Clock
@@ -45,6 +45,7 @@ def create_api_app(
     app.include_router(usage.router)
     app.include_router(jobs.router)
     app.include_router(keys.router)
+    app.include_router(webhooks.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     return app
 

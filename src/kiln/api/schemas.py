@@ -82,7 +82,20 @@ class EditRequest(_ImageOptions):
     """Kiln's extra: how far an unmasked edit may move from the input image (default 0.75)."""
 
 
-class JobRequest(GenerationRequest):
+WebhookEvent = Literal["started", "progress", "completed", "failed", "cancelled"]
+
+
+class WebhookOptions(BaseModel):
+    """Kiln's extra on POST /v1/jobs: signed deliveries of the job's events (Standard Webhooks)."""
+
+    webhook_url: str | None = Field(None, min_length=1, max_length=2048)
+    """An http(s) URL to POST the job's events to, signed with your secret (GET /v1/webhooks/secret)."""
+    webhook_events: list[WebhookEvent] | None = Field(None, min_length=1, max_length=5)
+    """Which events to send (default: started, completed, failed, cancelled; progress at most every
+    500 ms when asked for)."""
+
+
+class JobRequest(GenerationRequest, WebhookOptions):
     """POST /v1/jobs (JSON): a generation, or with `image_id` an edit of one of your own images."""
 
     image_id: str | None = Field(None, max_length=64)
@@ -201,6 +214,46 @@ class JobInfo(BaseModel):
     """For an edit of `image_id`: the follow-up as sent (the request's `prompt`)."""
     source_image_id: str | None = None
     """For an edit of `image_id`: that image."""
+    webhook_url: str | None = None
+    """Where this job's events are delivered (None: no webhook)."""
+    webhook_events: list[str] | None = None
+
+
+class WebhookSecretResponse(BaseModel):
+    object: Literal["webhook_secret"] = "webhook_secret"
+    secret: str
+    """`whsec_…`: verify deliveries with `standardwebhooks.Webhook(secret).verify(body, headers)`."""
+
+
+class WebhookDeliveryInfo(BaseModel):
+    """One event of a job's webhook and what became of it."""
+
+    id: str
+    """The webhook-id header it is (or was) sent with."""
+    type: str
+    url: str
+    status: Literal["pending", "delivered", "failed", "disabled", "dropped", "refused"]
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    created: int
+    finished: int | None
+
+
+class WebhookDeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookDeliveryInfo]
+
+
+class DisabledEndpoint(BaseModel):
+    url: str
+    disabled: int
+    """When it answered 410 Gone (Unix seconds)."""
+
+
+class DisabledEndpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DisabledEndpoint]
 
 
 class JobList(BaseModel):

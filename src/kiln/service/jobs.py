@@ -3,7 +3,8 @@ and the transitions the scheduler drives — running, succeeded (images stored, 
 (charge refunded exactly once).
 
 Every transition is a conditional UPDATE on the job's status, so calling one twice, or racing a cancel
-against a completion, changes the ledger at most once. Knows no HTTP and no scheduler.
+against a completion, changes the ledger at most once; the one that happened writes its webhook
+delivery (`webhooks_outbox`) in the same transaction. Knows no HTTP and no scheduler.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from kiln.db.engine import write_transaction
 from kiln.db.models import Image, Job, new_id, utcnow
 from kiln.errors import NotFound
-from kiln.service import provenance, quota
+from kiln.service import provenance, quota, webhooks_outbox
 from kiln.service.accounts import Account
 from kiln.service.job_admission import ACTIVE, AdmissionRow, admit_one
 from kiln.service.plans import PlanLimits
@@ -259,13 +260,27 @@ def mark_running_many(db: sessionmaker[Session], attempts: dict[str, int]) -> se
     claimed: set[str] = set()
     with write_transaction(db) as session:
         for attempt, job_ids in by_attempt.items():
-            claimed.update(session.scalars(
+            for row in session.execute(
                 update(Job)
                 .where(Job.id.in_(job_ids), Job.status == "queued")
                 .values(status="running", started_at=utcnow(), attempts=attempt)
-                .returning(Job.id)
-            ))
+                .returning(*Job.__table__.columns)
+            ).mappings():
+                claimed.add(row["id"])
+                if webhooks_outbox.wants(row["params"] or {}, "started"):
+                    webhooks_outbox.enqueue(session, view_of_row(row), "started")
     return claimed
+
+
+def report_progress(db: sessionmaker[Session], job_id: str, step: int, total: int) -> bool:
+    """A running job's progress for its webhook (the outbox row in a transaction of its own; the
+    scheduler calls it at most every `webhooks_outbox.PROGRESS_EVERY_S`); False if it is not running."""
+    with write_transaction(db) as session:
+        view = _load(session, job_id)
+        if view is None or view.status != "running":
+            return False
+        progress = {"progress": {"step": step, "total": total}}
+        return webhooks_outbox.enqueue(session, view, "progress", progress) is not None
 
 
 def requeue_job(db: sessionmaker[Session], job_id: str) -> bool:
@@ -331,7 +346,9 @@ def store_images(
         if done is not None:
             if rows:
                 session.execute(insert(Image.__table__), rows)
-            return view_of_row(done, tuple(row["id"] for row in rows))
+            view = view_of_row(done, tuple(row["id"] for row in rows))
+            webhooks_outbox.enqueue(session, view, "completed")
+            return view
     for row in rows:  # lost the race to a cancel or another completion: keep no orphan files
         store.delete(row["path"])
     return get_job(db, job_id)
@@ -358,13 +375,25 @@ def complete_job(
 def fail_job(db: sessionmaker[Session], job_id: str, code: str, message: str) -> bool:
     """Mark an unfinished job failed and refund its charge; True if this call refunded it."""
     with write_transaction(db) as session:
-        session.execute(
+        ended = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status.in_(ACTIVE))
             .values(status="failed", error_code=code, error_message=message[:2000], finished_at=utcnow())
+            .returning(Job.id, Job.params)
             .execution_options(**_NO_SYNC)
-        )
-        return quota.refund(session, job_id)
+        ).first()
+        refunded = quota.refund(session, job_id)
+        if ended is not None:
+            _report_end(session, job_id, ended.params, "failed")
+        return refunded
+
+
+def _report_end(session: Session, job_id: str, params: dict[str, Any] | None, event: str) -> None:
+    """The webhook delivery of a job's end, in the transaction that ended it."""
+    if webhooks_outbox.wants(params or {}, event):
+        view = _load(session, job_id)
+        if view is not None:
+            webhooks_outbox.enqueue(session, view, event)
 
 
 def cancel_job(db: sessionmaker[Session], job_id: str, user_id: str | None) -> JobView:
@@ -374,14 +403,16 @@ def cancel_job(db: sessionmaker[Session], job_id: str, user_id: str | None) -> J
         job = session.get(Job, job_id)
         if job is None or (user_id is not None and job.user_id != user_id):
             raise NotFound(f"No job found with id '{job_id}'.", param="job_id")
-        cancelled = session.execute(
+        ended = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status.in_(ACTIVE))
             .values(status="cancelled", cancel_requested=True, finished_at=utcnow())
+            .returning(Job.id, Job.params)
             .execution_options(**_NO_SYNC)
-        ).rowcount
-        if cancelled == 1:
+        ).first()
+        if ended is not None:
             quota.refund(session, job_id)
+            _report_end(session, job_id, ended.params, "cancelled")
     return get_job(db, job_id)
 
 

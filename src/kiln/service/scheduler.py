@@ -38,7 +38,7 @@ from kiln.engine import (
     Started,
 )
 from kiln.errors import Overloaded
-from kiln.service import job_leases, jobs
+from kiln.service import job_leases, jobs, webhooks_outbox
 from kiln.service.job_events import terminal_event
 from kiln.service.messages import Admit, AdmitReply, JobUpdate, Ticket
 from kiln.service.plan_cache import PlanCache
@@ -123,6 +123,9 @@ class Scheduler:
         self._handlers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._starts = _Starts(db)
+        self._progress_at: dict[str, float] = {}
+        self.webhooks_written: Callable[[], None] = lambda: None
+        """Called after a transition of a job with a webhook (the deliverer looks at once)."""
         engine.add_listener(self._on_engine_event)
 
     # ---- lifecycle
@@ -287,11 +290,13 @@ class Scheduler:
                 self.engine.cancel(job_id)  # cancelled (or finished) in the database meanwhile
                 return
             self._update(ticket, "started", {"attempt": event.attempt})
+            self._webhooks(ticket)
         elif isinstance(event, Progress):
             data: dict[str, Any] = {"step": event.step, "total": event.total}
             if event.preview_png:
                 data["preview"] = base64.b64encode(event.preview_png).decode()
             self._update(ticket, "progress", data)
+            await self._progress_webhook(ticket, event.step, event.total)
         elif isinstance(event, Requeued):
             await asyncio.to_thread(jobs.requeue_job, self.db, job_id)
             self._update(ticket, "requeued", {"reason": event.reason})
@@ -314,3 +319,20 @@ class Scheduler:
         name, data = terminal_event(view)
         self._update(ticket, name, data, view)
         self._tickets.pop(ticket.job_id, None)
+        self._progress_at.pop(ticket.job_id, None)
+        self._webhooks(ticket)
+
+    def _webhooks(self, ticket: Ticket) -> None:
+        if webhooks_outbox.subscription(ticket.params) is not None:
+            self.webhooks_written()
+
+    async def _progress_webhook(self, ticket: Ticket, step: int, total: int) -> None:
+        """A progress delivery, at most every PROGRESS_EVERY_S per job (as Replicate's)."""
+        if not webhooks_outbox.wants(ticket.params, "progress"):
+            return
+        now = time.monotonic()
+        if now - self._progress_at.get(ticket.job_id, float("-inf")) < webhooks_outbox.PROGRESS_EVERY_S:
+            return
+        self._progress_at[ticket.job_id] = now
+        if await asyncio.to_thread(jobs.report_progress, self.db, ticket.job_id, step, total):
+            self.webhooks_written()

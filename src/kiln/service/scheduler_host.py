@@ -31,6 +31,7 @@ from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
 from kiln.service.scheduler import Scheduler
 from kiln.service.storage import make_image_store
+from kiln.service.webhooks_delivery import WebhookDeliverer
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class SchedulerHost:
         self.server = SchedulerServer(self.scheduler, settings.scheduler_url, settings.scheduler_events_url,
                                       status=self._status)
         self.scheduler.publish = self.server.publish
+        self.webhooks = WebhookDeliverer.of(settings, self.db, self.metrics_registry)
+        self.scheduler.webhooks_written = self.webhooks.wake
         self.started_at = time.time()
         self._metrics = b""
         self._metrics_at = float("-inf")
@@ -74,11 +77,13 @@ class SchedulerHost:
         await asyncio.to_thread(ensure_plans, self.db, self.settings.plans)
         await self.server.start()  # bind first: API processes learn it is there from its heartbeat
         await self.scheduler.start()
+        await asyncio.to_thread(self.webhooks.start)
 
     async def stop(self) -> None:
         try:
             await self.scheduler.stop()
         finally:
+            await asyncio.to_thread(self.webhooks.stop)
             await self.server.stop()
             self.db_engine.dispose()
 

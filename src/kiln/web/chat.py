@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from kiln.errors import AuthenticationFailed, KilnError, NotFound
-from kiln.service import accounts, plans
+from kiln.service import accounts, plans, webhooks_secret
 from kiln.service.accounts import Account
 from kiln.web import conversations
 from kiln.web.render import browser_account, not_found_page, page, to_login
@@ -106,7 +106,9 @@ def keys_page(request: Request) -> Response:
 
 
 def _keys(request: Request, account: Account, **extra: object) -> Response:
-    keys = accounts.list_keys(request.app.state.kiln.db, account.name)
+    db = request.app.state.kiln.db
+    keys = accounts.list_keys(db, account.name)
+    extra.setdefault("webhook_secret", webhooks_secret.get_secret(db, account.user_id))
     return page(request, "keys.html", account=account, keys=keys[::-1], **extra)
 
 
@@ -122,6 +124,17 @@ def create_key(
         return to_login(request)
     key, _ = accounts.create_key(request.app.state.kiln.db, account.name, label.strip() or None)
     return _keys(request, account, new_key=key)  # rendered, never stored: shown exactly once
+
+
+@router.post("/keys/webhook-secret/rotate")
+def rotate_webhook_secret(request: Request, csrf_token: Annotated[str, Form()] = "") -> Response:
+    check_csrf(request, csrf_token)
+    account = session_user(request)
+    if account is None:
+        return to_login(request)
+    secret = webhooks_secret.rotate_secret(request.app.state.kiln.db, account.user_id)
+    return _keys(request, account, webhook_secret=secret,
+                 notice="Webhook secret rotated: deliveries are signed with the new one from now on.")
 
 
 @router.post("/keys/{prefix}/revoke")

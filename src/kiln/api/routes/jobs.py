@@ -14,10 +14,11 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from kiln.api.deps import CurrentAccount, State
 from kiln.api.headers import degraded_header
 from kiln.api.routes.images import _spec
-from kiln.api.schemas import ERRORS, ErrorDetail, JobInfo, JobList, JobRequest
+from kiln.api.schemas import ERRORS, JobInfo, JobList, JobRequest
 from kiln.api.state import AppState
 from kiln.service import image_requests as ir
-from kiln.service import jobs
+from kiln.errors import InvalidRequest
+from kiln.service import jobs, webhooks_guard, webhooks_outbox
 from kiln.service.accounts import Account
 from kiln.service.admission import admit_job
 from kiln.service.prompts import composer
@@ -26,24 +27,25 @@ router = APIRouter(prefix="/v1", tags=["jobs"])
 
 
 def job_info(view: jobs.JobView, state: AppState | None = None, admission: jobs.Admission | None = None) -> JobInfo:
-    error = None
-    if view.error_code:
-        error = ErrorDetail(message=view.error_message or "", type="server_error", code=view.error_code)
+    """The job object (`webhooks_outbox.job_object`, what its webhooks carry too) with a queued job's
+    live position and wait."""
     position = eta_s = None
     if state is not None and not view.terminal:
         position, eta_s = state.runner.position(view.id)
         if position is None and admission is not None and admission.position is not None:
             position = admission.position  # the scheduler's guess, until its first update arrives
             eta_s = None if admission.expected_wait_s is None else round(admission.expected_wait_s, 3)
-    return JobInfo(
-        id=view.id, status=view.status, kind=view.kind, model=view.model, n=view.n,  # type: ignore[arg-type]
-        size=f"{view.width}x{view.height}", created=int(view.created_at.timestamp()),
-        finished=int(view.finished_at.timestamp()) if view.finished_at else None,
-        image_ids=list(view.image_ids), charge_state=view.charge_state, error=error,
-        queue_position=position, eta_s=eta_s, attempts=view.attempts, degraded=view.degraded,
-        relax=view.relax, prompt=view.prompt, instruction=view.params.get("instruction"),
-        source_image_id=view.params.get("source_image_id"),
-    )
+    return JobInfo(**{**webhooks_outbox.job_object(view), "queue_position": position, "eta_s": eta_s})
+
+
+def _webhook_params(state: AppState, body: JobRequest) -> dict | None:
+    """The job's webhook subscription, its URL checked by the SSRF guard (400 naming the field)."""
+    if body.webhook_url is None:
+        if body.webhook_events is not None:
+            raise InvalidRequest("webhook_events needs a webhook_url.", param="webhook_events")
+        return None
+    url = str(webhooks_guard.check_url(body.webhook_url, state.settings.webhook_allow_private))
+    return webhooks_outbox.subscription_params(url, body.webhook_events)
 
 
 @router.post("/jobs", response_model=JobInfo, response_model_exclude_none=True, status_code=202,
@@ -57,6 +59,7 @@ async def submit_job(
 ) -> JobInfo:
     """Admit a generation and return at once with its queue position and expected wait; follow it at
     GET /v1/jobs/{id}/events or poll GET /v1/jobs/{id}. With `image_id`, an edit of that image."""
+    webhook = _webhook_params(state, body)
     uploads = None
     if body.image_id is not None:
         image = await asyncio.to_thread(jobs.get_image, state.db, body.image_id, account.user_id)  # 404
@@ -66,6 +69,8 @@ async def submit_job(
     else:
         spec = _spec(state, body, "generate", "generate")
     spec.params["preview_every"] = state.settings.preview_every_steps
+    if webhook is not None:
+        spec.params["webhook"] = webhook
     # A generation's Idempotency-Key is shared with POST /v1/images/generations (same job either way).
     endpoint = "generations" if body.image_id is None else "edits"
     digest = jobs.request_hash({"endpoint": endpoint, **body.model_dump(exclude_none=True)})
