@@ -14,7 +14,7 @@ from webhook_receiver import Receiver
 from kiln.service import jobs, webhooks_outbox, webhooks_secret
 from kiln.service.accounts import get_user
 from kiln.service.plans import get_plan, update_plan
-from kiln.service.storage import ImageStore
+from kiln.service.storage_directory import DirectoryImageStore
 from kiln.service.webhooks_delivery import WebhookDeliverer
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
@@ -25,7 +25,7 @@ def admit(db, tmp_path, name: str, url: str, events: list[str] | None = None) ->
     params = {"output_format": "png", "webhook": webhooks_outbox.subscription_params(url, events)}
     spec = jobs.JobSpec(kind="generate", model="fake", prompt="a kiln", n=1, width=64, height=64, steps=4,
                         guidance_scale=1.0, seed=1, params=params)
-    return jobs.create_job(db, ImageStore(tmp_path / "images"), account=account,
+    return jobs.create_job(db, DirectoryImageStore(tmp_path / "images"), account=account,
                            plan=get_plan(db, account.plan_name), spec=spec, now=NOW).job
 
 
