@@ -23,7 +23,7 @@ class Positions:
         queues: WorkQueues,
         running: dict[str, RunningBatch],
         admission: AdmissionPolicy,
-        workers: Callable[[], int],
+        workers: Callable[[], float],
         *,
         interval_s: float,
         metrics: EngineMetrics | None,
