@@ -91,7 +91,7 @@ def _optional_int(value: str, field: str) -> int | None:
 @router.post("/plans/{name}")
 def update_plan(
     request: Request,
-    _: AdminForm,
+    account: AdminForm,
     name: str,
     images_per_day: Annotated[str, Form()] = "",
     priority_weight: Annotated[int, Form()] = 1,
@@ -105,6 +105,7 @@ def update_plan(
         limits = plans.update_plan(
             request.app.state.kiln.db,
             name,
+            actor=f"admin:{account.name}",
             images_per_day=_optional_int(images_per_day, "images_per_day"),
             priority_weight=priority_weight,
             max_concurrent=max_concurrent,
