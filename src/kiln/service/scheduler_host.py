@@ -27,6 +27,7 @@ from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
 from kiln.service.scheduler import Scheduler
 from kiln.service.storage import ImageStore
+from kiln.service.thermal import ThermalGuard
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class SchedulerHost:
         self.server = SchedulerServer(self.scheduler, settings.scheduler_url, settings.scheduler_events_url,
                                       status=self._status)
         self.scheduler.publish = self.server.publish
+        self.thermal = ThermalGuard.from_settings(settings, self.engine, self.db, self.metrics_registry)
         self.started_at = time.time()
         self._metrics = b""
         self._metrics_at = float("-inf")
@@ -69,9 +71,13 @@ class SchedulerHost:
         await asyncio.to_thread(ensure_plans, self.db, self.settings.plans)
         await self.server.start()  # bind first: API processes learn it is there from its heartbeat
         await self.scheduler.start()
+        if self.thermal is not None:
+            await self.thermal.start()
 
     async def stop(self) -> None:
         try:
+            if self.thermal is not None:
+                await self.thermal.stop()
             await self.scheduler.stop()
         finally:
             await self.server.stop()
@@ -87,7 +93,8 @@ class SchedulerHost:
             workers=self.scheduler.workers, sent_at=time.time(), metrics=self._metrics,
             stats={"queued": len(core.queue),
                    "running_batches": len(core.running), "jobs": self.scheduler.jobs_held(),
-                   "images_per_s": round(core.throughput.images_per_s, 3)},
+                   "images_per_s": round(core.throughput.images_per_s, 3),
+                   **({"thermal": self.thermal.snapshot()} if self.thermal is not None else {})},
         )
 
     # ---- on a thread of its own (tests)
