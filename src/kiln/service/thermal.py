@@ -109,6 +109,7 @@ class ThermalGuard:
         """Whether the policy's limits are in force (as written; `wanted` is what the fleet asks)."""
         self._audits: list[tuple[str, str, dict[str, Any]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._polling = asyncio.Lock()
 
     @classmethod
     def from_settings(cls, settings: Any, engine: Any, db: sessionmaker[Session],
@@ -154,10 +155,11 @@ class ThermalGuard:
 
     async def poll_once(self) -> None:
         """Read every GPU, act on what changed, and bring the policy's limits in line."""
-        readings = await asyncio.to_thread(self.source.read) if self.source is not None else []
-        self.observe(readings)
-        await self._write_audits()
-        await self._reconcile_policy()
+        async with self._polling:  # one reading at a time, its writes in order
+            readings = await asyncio.to_thread(self.source.read) if self.source is not None else []
+            self.observe(readings)
+            await self._write_audits()
+            await self._reconcile_policy()
 
     # ---- what a reading changes (on the loop, at once)
 
