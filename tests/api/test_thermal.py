@@ -111,14 +111,21 @@ def test_a_hot_gpu_degrades_then_refuses_free_work_while_enterprise_keeps_its_ta
     assert snapshot["thermal"]["gpus"][0]["capacity_factor"] == 1.0
     with server.client(first.key) as http:
         until(lambda: http.get("/v1/usage").json()["limit"] == 3, "free's own limit back")
+    token = re.search(r'name="csrf-token" content="([^"]+)"', admin.get("/admin").text).group(1)
+    saved = admin.post("/admin/plans/plus", headers={"Accept": "application/json"}, data={
+        "csrf_token": token, "images_per_day": "150", "priority_weight": "4", "max_concurrent": "3", "max_n": "4",
+        "wait_target_s": "30"})
+    assert saved.status_code == 200, saved.text
     audit = admin.get("/admin/api/audit", params={"limit": 20}).json()["data"]
     assert [(e["actor"], e["action"], e["target"]) for e in audit[::-1]] == [
         ("cli:test", "plan.update", "free"), ("thermal-guard", "thermal.hot", "gpu:0"),
         ("thermal-guard", "thermal.limit", "free"), ("thermal-guard", "thermal.cool", "gpu:0"),
-        ("thermal-guard", "thermal.lift", "free"),
+        ("thermal-guard", "thermal.lift", "free"), ("admin:ops", "plan.update", "plus"),
     ]
-    assert audit[2]["change"] == "images_per_day 3 → 1" and audit[0]["change"] == "restored images_per_day → 3"
+    assert audit[3]["change"] == "images_per_day 3 → 1" and audit[1]["change"] == "restored images_per_day → 3"
+    assert audit[0]["change"] == "images_per_day 200 → 150"
     assert snapshot["audit"][0]["action"] == "thermal.lift"  # the dashboard's feed carries it too
+    assert stats()["audit"][0]["actor"] == "admin:ops"
     page = admin.get("/admin").text
     assert 'id="gpu-rows"' in page and "thermal.lift" in page
     admin.close()
