@@ -207,7 +207,7 @@ class Settings(BaseSettings):
     thermal_limit_c: float = Field(85.0, gt=0, le=150)
     """A GPU at or above this temperature is hot."""
     thermal_cool_c: float = Field(78.0, gt=0, le=150)
-    """A hot GPU is cool again once it has read below this, without a throttle reason, for `thermal_cool_s`."""
+    """A hot GPU is cool again once it has read below this, unthrottled, for `thermal_cool_s`."""
     thermal_cool_s: float = Field(30.0, ge=0, le=3600)
     """How long a hot GPU must read cool before it gets its capacity (and the fleet its limits) back."""
     thermal_throttle_mask: int = Field(0xE8, ge=0, le=0xFFFFFFFF)
@@ -232,9 +232,10 @@ class Settings(BaseSettings):
         for plan, limits in value.items():
             unknown = set(limits) - allowed
             if unknown:
-                raise ValueError(f"thermal_policy.{plan}: unknown fields {sorted(unknown)}; use {sorted(allowed)}")
+                raise ValueError(f"thermal_policy.{plan}: unknown fields {sorted(unknown)}; "
+                                 f"use {sorted(allowed)}")
             if any(v < (0 if f == "images_per_day" else 1) for f, v in limits.items()):
-                raise ValueError(f"thermal_policy.{plan}: limits must be at least 1 (images_per_day at least 0)")
+                raise ValueError(f"thermal_policy.{plan}: limits are at least 1 (images_per_day at least 0)")
         return value
 
     @field_validator("models")

@@ -19,7 +19,8 @@ console = Console()
 def list_audit(
     ctx: typer.Context,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 50,
-    action: Annotated[str | None, typer.Option(help="Only actions starting with this, e.g. 'thermal.'.")] = None,
+    action: Annotated[str | None,
+                      typer.Option(help="Only actions starting with this, e.g. 'thermal.'.")] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
 ) -> None:
     """Show the latest changes: when, who, what and to which plan or GPU."""

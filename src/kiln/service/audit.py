@@ -76,8 +76,8 @@ def describe(entry: AuditEntry) -> str:
     if "restored" in details or "kept" in details:
         restored = ", ".join(f"{f} → {_show(v)}" for f, v in details.get("restored", {}).items())
         kept = ", ".join(f"{f} = {_show(v)}" for f, v in details.get("kept", {}).items())
-        return "; ".join(p for p in (f"restored {restored}" if restored else "",
-                                     f"kept the operator's {kept}" if kept else "") if p) or "nothing to restore"
+        parts = (f"restored {restored}" if restored else "", f"kept the operator's {kept}" if kept else "")
+        return "; ".join(p for p in parts if p) or "nothing to restore"
     return ", ".join(f"{k}={_show(v)}" for k, v in details.items())
 
 

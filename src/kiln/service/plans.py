@@ -88,7 +88,8 @@ def update_plan(factory: sessionmaker[Session], name: str, *, actor: str = "oper
         merged = PlanSpec.model_validate({**before, **values})
         for field in values:
             setattr(plan, field, getattr(merged, field))
-        changed = {f: {"from": before[f], "to": getattr(merged, f)} for f in values if before[f] != getattr(merged, f)}
+        changed = {f: {"from": before[f], "to": getattr(merged, f)}
+                   for f in values if before[f] != getattr(merged, f)}
         if changed:
             audit.add(session, actor, "plan.update", name, changes=changed)
         session.flush()

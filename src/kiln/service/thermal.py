@@ -57,7 +57,8 @@ class ThermalStates:
             why.append(f"temperature {reading.temp_c:g} °C ≥ {self.limit_c:g} °C")
         throttled = reading.clocks_event_reasons & self.mask
         if throttled:
-            why.extend(GpuReading(reading.gpu, clocks_event_reasons=throttled).throttle_reasons or [hex(throttled)])
+            names = GpuReading(reading.gpu, clocks_event_reasons=throttled).throttle_reasons
+            why.extend(names or [hex(throttled)])
         return tuple(why)
 
     def observe(self, reading: GpuReading, now: float) -> str | None:
@@ -102,8 +103,9 @@ class ThermalGuard:
         self.db = db
         self.source = source
         self.clock = clock
-        self.states = ThermalStates(limit_c=settings.thermal_limit_c, cool_c=settings.thermal_cool_c,
-                                    cool_s=settings.thermal_cool_s, throttle_mask=settings.thermal_throttle_mask)
+        self.states = ThermalStates(
+            limit_c=settings.thermal_limit_c, cool_c=settings.thermal_cool_c, cool_s=settings.thermal_cool_s,
+            throttle_mask=settings.thermal_throttle_mask)
         self.policy: dict[str, dict[str, int]] = dict(settings.thermal_policy)
         self.holding = False
         """Whether the policy's limits are in force (as written; `wanted` is what the fleet asks)."""
@@ -179,7 +181,8 @@ class ThermalGuard:
             changed = True
             state = self.states.gpus[reading.gpu]
             factor = self.settings.thermal_capacity_factor if state.hot else 1.0
-            log.warning("GPU %d is %s%s", reading.gpu, transition, f": {', '.join(state.why)}" if state.why else "")
+            log.warning("GPU %d is %s%s", reading.gpu, transition,
+                        f": {', '.join(state.why)}" if state.why else "")
             self._audits.append((f"thermal.{transition}", f"gpu:{reading.gpu}", {
                 "temp_c": reading.temp_c, "reasons": list(state.why) if state.hot else [],
                 "capacity_factor": factor, "workers": self.workers_of(reading.gpu),
@@ -275,7 +278,8 @@ class ThermalGuard:
             workers = self.workers_of(gpu)
             gpus.append({
                 **state.reading.as_dict(), "workers": workers, "state": "hot" if state.hot else "ok",
-                "why": list(state.why), "capacity_factor": min((capacity.factor(s) for s in workers), default=1.0),
+                "why": list(state.why),
+                "capacity_factor": min((capacity.factor(s) for s in workers), default=1.0),
                 "cooling": state.hot and state.cool_since is not None,
             })
         return {"gpus": gpus, "limits_held": self.holding, "policy": self.policy,
@@ -301,10 +305,11 @@ class ThermalCollector(Collector):
         snapshot = self.guard.snapshot()
         labels = ["gpu", "worker"]
         families = {key: GaugeMetricFamily(name, text, labels=labels) for name, text, key in self.GAUGES}
-        factor = GaugeMetricFamily("kiln_gpu_capacity_factor",
-                                   "Share of time the GPU's worker may run (1: full; lower while hot).", labels=labels)
-        state = GaugeMetricFamily("kiln_thermal_state", "1 while the GPU is hot (throttling or over its limit).",
-                                  labels=labels)
+        factor = GaugeMetricFamily(
+            "kiln_gpu_capacity_factor", "Share of time the GPU's worker may run (1: full; lower while hot).",
+            labels=labels)
+        state = GaugeMetricFamily(
+            "kiln_thermal_state", "1 while the GPU is hot (throttling or over its limit).", labels=labels)
         for gpu in snapshot["gpus"]:
             label = [str(gpu["gpu"]), ",".join(str(w) for w in gpu["workers"])]
             for key, family in families.items():

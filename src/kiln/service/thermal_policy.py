@@ -111,7 +111,8 @@ def lift(factory: sessionmaker[Session], engine_results: dict[str, dict[str, dic
                     restored[field] = current  # already the operator's value
                 else:
                     kept[field] = current
-            audit.add(session, audit.GUARD, LIFT, name, restored=restored, kept=kept, reason="the fleet is cool")
+            audit.add(session, audit.GUARD, LIFT, name, restored=restored, kept=kept,
+                      reason="the fleet is cool")
             lifted.append(name)
     return lifted
 

@@ -21,8 +21,6 @@ HW_SLOWDOWN = 0x8
 SW_THERMAL_SLOWDOWN = 0x20
 HW_THERMAL_SLOWDOWN = 0x40
 HW_POWER_BRAKE_SLOWDOWN = 0x80
-THROTTLE_BITS = SW_POWER_CAP | HW_SLOWDOWN | SW_THERMAL_SLOWDOWN | HW_THERMAL_SLOWDOWN | HW_POWER_BRAKE_SLOWDOWN
-"""The clocks-event reasons that mean the GPU is slowed by heat or power (not idle or app clocks)."""
 REASON_NAMES = {
     SW_POWER_CAP: "sw_power_cap", HW_SLOWDOWN: "hw_slowdown", SW_THERMAL_SLOWDOWN: "sw_thermal_slowdown",
     HW_THERMAL_SLOWDOWN: "hw_thermal_slowdown", HW_POWER_BRAKE_SLOWDOWN: "hw_power_brake_slowdown",
