@@ -199,7 +199,8 @@ class Settings(BaseSettings):
     # ---- thermal guard (docs/GPU.md "Thermal guard")
     telemetry_source: Literal["nvml", "file", "off"] = "nvml"
     """Where the scheduler reads per-GPU telemetry: `nvml` (inert where no GPU answers), `file` (JSON
-    lines at `telemetry_file`, e.g. written from DCGM), or `off` (no thermal guard)."""
+    lines at `telemetry_file`, e.g. written from DCGM), or `off` (nothing is read, so nothing is hot;
+    limits an earlier run held are given back)."""
     telemetry_file: Path | None = None
     """The JSON-lines file of `telemetry_source = "file"`: one reading a line, the latest per GPU wins."""
     telemetry_poll_s: float = Field(1.0, gt=0, le=60)

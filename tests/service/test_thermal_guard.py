@@ -154,10 +154,11 @@ def test_the_guard_lowers_the_hot_gpus_worker_and_holds_limits_until_it_is_cool(
 
 
 @pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
-def test_a_guard_restarted_while_limits_are_held_lifts_them_once_cool(db, settings, tmp_path) -> None:
-    path = tmp_path / "gpus.jsonl"
-    settings = settings.model_copy(update={"telemetry_source": "file", "telemetry_file": path, "thermal_cool_s": 0.0,
-                                           "telemetry_poll_s": 60.0,
+@pytest.mark.parametrize("source", ["file", "off"])
+def test_a_guard_restarted_while_limits_are_held_lifts_them_once_cool(db, settings, tmp_path, source) -> None:
+    path = tmp_path / "gpus.jsonl"  # "off": no telemetry at all, so nothing is hot
+    settings = settings.model_copy(update={"telemetry_source": source, "telemetry_file": path,
+                                           "thermal_cool_s": 0.0, "telemetry_poll_s": 60.0,
                                            "thermal_policy": {"free": {"images_per_day": 0}}})
     thermal_policy.apply(db, settings.thermal_policy, {})  # the previous life made it hot and died
     clock = FakeClock()

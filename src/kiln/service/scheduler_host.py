@@ -71,13 +71,11 @@ class SchedulerHost:
         await asyncio.to_thread(ensure_plans, self.db, self.settings.plans)
         await self.server.start()  # bind first: API processes learn it is there from its heartbeat
         await self.scheduler.start()
-        if self.thermal is not None:
-            await self.thermal.start()
+        await self.thermal.start()
 
     async def stop(self) -> None:
         try:
-            if self.thermal is not None:
-                await self.thermal.stop()
+            await self.thermal.stop()
             await self.scheduler.stop()
         finally:
             await self.server.stop()
@@ -94,7 +92,7 @@ class SchedulerHost:
             stats={"queued": len(core.queue),
                    "running_batches": len(core.running), "jobs": self.scheduler.jobs_held(),
                    "images_per_s": round(core.throughput.images_per_s, 3),
-                   **({"thermal": self.thermal.snapshot()} if self.thermal is not None else {})},
+                   "thermal": self.thermal.snapshot()},
         )
 
     # ---- on a thread of its own (tests)

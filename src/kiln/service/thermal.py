@@ -115,10 +115,9 @@ class ThermalGuard:
 
     @classmethod
     def from_settings(cls, settings: Any, engine: Any, db: sessionmaker[Session],
-                      registry: CollectorRegistry | None = None) -> ThermalGuard | None:
-        """None when `telemetry_source = "off"`; with `nvml` the source is looked for at start."""
-        if settings.telemetry_source == "off":
-            return None
+                      registry: CollectorRegistry | None = None) -> ThermalGuard:
+        """The source is looked for at start. With `telemetry_source = "off"` (or no GPU) the guard
+        reads nothing; it still lifts limits an earlier run left held, since nothing is hot."""
         guard = cls(settings, engine, db)
         if registry is not None:
             registry.register(ThermalCollector(guard))
@@ -130,7 +129,7 @@ class ThermalGuard:
         if self.source is None:
             self.source = await asyncio.to_thread(
                 make_source, self.settings.telemetry_source, self.settings.telemetry_file)
-        if self.source is None:
+        if self.source is None and self.settings.telemetry_source != "off":
             log.info("thermal guard: no GPU telemetry (NVML found no GPU); the guard is idle")
         try:
             self.holding = bool(await asyncio.to_thread(thermal_policy.open_holds, self.db))
