@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from kiln.engine import Position
 from kiln.engine.capacity import Capacity
 from kiln.errors import Overloaded
 
@@ -46,15 +47,20 @@ class GatedExecutor(FakeExecutor):
             self.gate.ran(slot, busy_s)
 
 
-def test_a_lower_factor_raises_the_estimate_at_once(make_engine) -> None:
+def test_a_lower_factor_raises_the_estimate_and_every_queued_eta_at_once(make_engine, clock) -> None:
     engine = make_engine(throughput_prior_units_per_s=UNIT)  # one image per second per worker
+    engine.executor.free_slots = lambda: 0  # the one worker is busy: the queue stays as it is
     for i in range(10):
-        engine.add_request(req(f"f{i}", "free"))
+        engine.add_request(req(f"f{i}", "free", job_id=f"q{i}"))
+    engine.step()
     assert engine.admit(req("late", "free")).expected_wait_s == pytest.approx(10.0)
-    engine.capacity.set_factor(0, 0.5)
+    assert engine.eta_s("q9") == pytest.approx(9.0)
+    engine.set_capacity(0, 0.5)
     assert engine.admit(req("late", "free")).expected_wait_s == pytest.approx(20.0)
-    assert engine.eta_s("job-does-not-exist") is None
-    engine.capacity.set_factor(0, 1.0)
+    assert engine.eta_s("q9") == pytest.approx(18.0)
+    told = {e.job_id: e.eta_s for e in engine.step() if isinstance(e, Position)}
+    assert len(told) == 10 and told["q9"] == pytest.approx(18.0)  # followers hear their new wait
+    engine.set_capacity(0, 1.0)
     assert engine.admit(req("late", "free")).expected_wait_s == pytest.approx(10.0)
 
 

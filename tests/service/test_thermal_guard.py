@@ -107,8 +107,9 @@ class FakeClock:
 def fake_engine(clock: FakeClock, slots: int) -> SimpleNamespace:
     """What the guard uses of the engine: capacity, the executor's slot count, plan caps, wake."""
     woken: list[bool] = []
-    core = SimpleNamespace(capacity=Capacity(clock), executor=SimpleNamespace(total_slots=lambda: slots),
-                           plan_caps={"plus": 8})
+    capacity = Capacity(clock)
+    core = SimpleNamespace(capacity=capacity, set_capacity=capacity.set_factor,
+                           executor=SimpleNamespace(total_slots=lambda: slots), plan_caps={"plus": 8})
     return SimpleNamespace(core=core, wake=lambda: woken.append(True), woken=woken)
 
 

@@ -196,6 +196,14 @@ class EngineCore:
         if max_running_images is not None:
             self.plan_caps[plan] = max_running_images
 
+    def set_capacity(self, slot: int, factor: float) -> None:
+        """A worker slot's share of time (the thermal guard's); admissions use it at once and every
+        queued job hears its new ETA at the next step."""
+        before = self.capacity.factor(slot)
+        self.capacity.set_factor(slot, factor)
+        if self.capacity.factor(slot) != before:
+            self._positions.retell()
+
     def queue_position(self, job_id: str) -> int | None:
         """Queued jobs ahead of this one (0: it runs next); 0 once running, None if unknown."""
         item = self._jobs.item_of.get(job_id)

@@ -92,6 +92,11 @@ class Positions:
         """Tell everyone at the next chance, interval or not (requeued work jumped the line)."""
         self._forced = True
 
+    def retell(self) -> None:
+        """Every queued job's wait changed (the fleet's capacity did): tell each at the next chance."""
+        self._told.clear()
+        self._forced = True
+
     def emit_changed(self, now: float, emit: Callable[[EngineEvent], None]) -> None:
         """Position events for jobs whose place changed, when work left the queue or every interval."""
         due = self._told_version != self._queues.version

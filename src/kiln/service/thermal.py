@@ -190,16 +190,16 @@ class ThermalGuard:
             self._apply_capacity()
 
     def _apply_capacity(self) -> None:
-        capacity = self.engine.core.capacity
-        raised = False
+        core = self.engine.core
+        changed = False
         for slot, gpu in self.slot_gpus().items():
             state = self.states.gpus.get(gpu)
             factor = self.settings.thermal_capacity_factor if state is not None and state.hot else 1.0
-            if capacity.factor(slot) != factor:
-                raised = raised or factor > capacity.factor(slot)
-                capacity.set_factor(slot, factor)
-        if raised:
-            self.engine.wake()  # a slot that stopped resting can take work now
+            if core.capacity.factor(slot) != factor:
+                core.set_capacity(slot, factor)
+                changed = True
+        if changed:
+            self.engine.wake()  # new ETAs for the queue; a slot that stopped resting can take work
 
     def workers_of(self, gpu: int) -> list[int]:
         return [slot for slot, g in self.slot_gpus().items() if g == gpu]
