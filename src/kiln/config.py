@@ -219,7 +219,8 @@ class Settings(BaseSettings):
     """A hot GPU's share of time: its worker rests between batches so that it runs this fraction of
     the time, and admission counts it as this much of a worker."""
     thermal_gpu_of_worker: list[int] = Field(default_factory=list)
-    """The GPU index (as NVML or the file numbers them) of each worker slot; empty: slot i uses GPU i."""
+    """The GPU index (as NVML or the file numbers them) of each worker slot; empty: the GPU the
+    executor pinned each worker to where it says, else slot i is GPU i."""
     thermal_policy: dict[str, dict[str, int]] = Field(default_factory=dict)
     """Temporary plan limits while any worker's GPU is hot, lifted once all are cool, e.g.
     `{free = {images_per_day = 1, max_running_images = 2}}`; fields: images_per_day, max_concurrent,

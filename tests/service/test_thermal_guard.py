@@ -176,3 +176,18 @@ def test_a_guard_restarted_while_limits_are_held_lifts_them_once_cool(db, settin
 
     asyncio.run(scenario())
     assert get_plan(db, "free").images_per_day == 3 and thermal_policy.open_holds(db) == {}
+
+
+@pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
+def test_a_worker_maps_to_the_gpu_its_executor_pinned_it_to(db, settings) -> None:
+    clock = FakeClock()
+    engine = fake_engine(clock, slots=2)
+    guard = ThermalGuard(settings, engine, db, clock=clock)
+    assert guard.slot_gpus() == {0: 0, 1: 1}  # nothing said: slot i is GPU i
+    engine.core.executor.worker_gpus = lambda: ["3", "1,2"]  # CUDA_VISIBLE_DEVICES per worker
+    assert guard.slot_gpus() == {0: 3, 1: 1}
+    engine.core.executor.worker_gpus = lambda: ["3"]  # one worker not ready yet: cannot tell
+    assert guard.slot_gpus() == {0: 0, 1: 1}
+    guard.settings = settings.model_copy(update={"thermal_gpu_of_worker": [5, 4]})  # the operator's word wins
+    assert guard.slot_gpus() == {0: 5, 1: 4}
+

@@ -165,9 +165,12 @@ class ThermalGuard:
     # ---- what a reading changes (on the loop, at once)
 
     def slot_gpus(self) -> dict[int, int]:
-        """Worker slot → its GPU index."""
-        mapping = list(self.settings.thermal_gpu_of_worker)
-        slots = int(self.engine.core.executor.total_slots())
+        """Worker slot → its GPU index: `thermal_gpu_of_worker` where set, else the GPU the executor
+        pinned the slot to (`worker_gpus()`, when it names one index per slot), else the slot's own
+        number."""
+        executor = self.engine.core.executor
+        slots = int(executor.total_slots())
+        mapping = list(self.settings.thermal_gpu_of_worker) or _pinned_gpus(executor, slots)
         return {slot: mapping[slot] if slot < len(mapping) else slot for slot in range(slots)}
 
     def observe(self, readings: list[GpuReading]) -> None:
@@ -283,6 +286,17 @@ class ThermalGuard:
             })
         return {"gpus": gpus, "limits_held": self.holding, "policy": self.policy,
                 "limit_c": self.settings.thermal_limit_c, "cool_c": self.settings.thermal_cool_c}
+
+
+def _pinned_gpus(executor: Any, slots: int) -> list[int]:
+    """The GPU index of each slot as the executor reports it (CUDA_VISIBLE_DEVICES entries); [] when
+    it cannot say for every slot (no such call, a worker not ready, a UUID rather than an index)."""
+    try:
+        gpus = list(executor.worker_gpus()) if hasattr(executor, "worker_gpus") else []
+    except Exception:  # noqa: BLE001 - an executor that cannot tell: the slot numbers stand
+        return []
+    first = [str(g).split(",")[0].strip() if g is not None else "" for g in gpus]
+    return [int(g) for g in first] if len(first) == slots and all(g.isdigit() for g in first) else []
 
 
 class ThermalCollector(Collector):
