@@ -283,6 +283,7 @@ class Settings(BaseSettings):
         if bad := sorted(name for name, amount in value.items() if amount <= 0):
             raise ValueError(f"ray_actor_resources must be positive amounts: {', '.join(bad)}")
         return value
+
     # ---- webhooks (Standard Webhooks deliveries of job events)
     webhook_retry_schedule_s: list[float] = Field(
         default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0,
@@ -301,6 +302,50 @@ class Settings(BaseSettings):
     """A webhook delivery (connect, send, answer) must be over within this, or it is tried again."""
     webhook_max_concurrent: int = Field(16, ge=1, le=1000)
     """Webhook deliveries sent at once by one scheduler (each job's events stay in order)."""
+
+    # ---- thermal guard (docs/GPU.md "Thermal guard")
+    telemetry_source: Literal["nvml", "file", "off"] = "nvml"
+    """Where the scheduler reads per-GPU telemetry: `nvml` (inert where no GPU answers), `file` (JSON
+    lines at `telemetry_file`, e.g. written from DCGM), or `off` (nothing is read, so nothing is hot;
+    limits an earlier run held are given back)."""
+    telemetry_file: Path | None = None
+    """The JSON-lines file of `telemetry_source = "file"`: one reading a line, the latest per GPU wins."""
+    telemetry_poll_s: float = Field(1.0, gt=0, le=60)
+    """How often the thermal guard reads telemetry."""
+    thermal_limit_c: float = Field(85.0, gt=0, le=150)
+    """A GPU at or above this temperature is hot."""
+    thermal_cool_c: float = Field(78.0, gt=0, le=150)
+    """A hot GPU is cool again once it has read below this, unthrottled, for `thermal_cool_s`."""
+    thermal_cool_s: float = Field(30.0, ge=0, le=3600)
+    """How long a hot GPU must read cool before it gets its capacity (and the fleet its limits) back."""
+    thermal_throttle_mask: int = Field(0xE8, ge=0, le=0xFFFFFFFF)
+    """Clocks-event reason bits that make a GPU hot whatever its temperature: by default 0x8
+    HwSlowdown, 0x20 SwThermalSlowdown, 0x40 HwThermalSlowdown, 0x80 HwPowerBrakeSlowdown; add 0x4
+    (SwPowerCap) to count power capping too (a GPU at full load often reads it)."""
+    thermal_capacity_factor: float = Field(0.5, ge=0.05, le=1.0)
+    """A hot GPU's share of time: its worker rests between batches so that it runs this fraction of
+    the time, and admission counts it as this much of a worker."""
+    thermal_gpu_of_worker: list[int] = Field(default_factory=list)
+    """The GPU index (as NVML or the file numbers them) of each worker slot; empty: the GPU the
+    executor pinned each worker to where it says, else slot i is GPU i."""
+    thermal_policy: dict[str, dict[str, int]] = Field(default_factory=dict)
+    """Temporary plan limits while any worker's GPU is hot, lifted once all are cool, e.g.
+    `{free = {images_per_day = 1, max_running_images = 2}}`; fields: images_per_day, max_concurrent,
+    max_n (the plans table, as `kiln plans set` changes it) and max_running_images (the scheduler's
+    cap). Only ever tightens; an operator's change made meanwhile is kept, not undone."""
+
+    @field_validator("thermal_policy")
+    @classmethod
+    def _known_policy_fields(cls, value: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        allowed = {"images_per_day", "max_concurrent", "max_n", "max_running_images"}
+        for plan, limits in value.items():
+            unknown = set(limits) - allowed
+            if unknown:
+                raise ValueError(f"thermal_policy.{plan}: unknown fields {sorted(unknown)}; "
+                                 f"use {sorted(allowed)}")
+            if any(v < (0 if f == "images_per_day" else 1) for f, v in limits.items()):
+                raise ValueError(f"thermal_policy.{plan}: limits are at least 1 (images_per_day at least 0)")
+        return value
 
     @field_validator("models")
     @classmethod

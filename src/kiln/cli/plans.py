@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 from typing import Annotated
 
 import typer
@@ -68,12 +69,19 @@ def set_plan(
             changes[field] = value
     if not changes:
         raise InvalidRequest("nothing to change: give at least one option, e.g. --images-per-day 5")
-    p = plans.update_plan(ctx.obj.db(), plan, **changes)
+    p = plans.update_plan(ctx.obj.db(), plan, actor=f"cli:{_os_user()}", **changes)
     console.print(
         f"plan [bold]{p.name}[/]: {_quota(p.images_per_day)} images/day, weight {p.priority_weight}, "
         f"{p.max_concurrent} concurrent, max n {p.max_n}, wait target {p.wait_target_s:g} s, "
         f"relax mode {'on' if p.relax_mode else 'off'}"
     )
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's bare uid)
+        return "unknown"
 
 
 @db_app.command("upgrade")

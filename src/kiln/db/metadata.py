@@ -6,8 +6,8 @@ the one place that imports them all. Nothing at run time needs it but Alembic an
 
 from __future__ import annotations
 
-from kiln.db import models, web_models, webhook_models
+from kiln.db import audit_models, models, web_models, webhook_models
 
 metadata = models.Base.metadata
-TABLE_MODULES = (models, web_models, webhook_models)
+TABLE_MODULES = (models, web_models, webhook_models, audit_models)
 """Add a new module of tables here, or Alembic will not see its tables."""

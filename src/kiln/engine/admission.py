@@ -130,14 +130,15 @@ class AdmissionPolicy:
         self.config = config
         self.throughput = throughput
 
-    def rate_units_per_s(self, workers: int) -> float:
-        return max(self.throughput.units_per_s, 1e-6) * max(workers, 1)
+    def rate_units_per_s(self, workers: float) -> float:
+        """`workers` may be fractional (a hot GPU counts as its capacity factor); none live counts as one."""
+        return max(self.throughput.units_per_s, 1e-6) * (workers if workers > 0 else 1.0)
 
-    def expected_wait_s(self, stats: QueueStats, request: EngineRequest, running_units: float, workers: int) -> float:
+    def expected_wait_s(self, stats: QueueStats, request: EngineRequest, running_units: float, workers: float) -> float:
         """Seconds until `request` would start: work ahead of it plus what is still running."""
         return (stats.units_ahead(request) + running_units) / self.rate_units_per_s(workers)
 
-    def admit(self, stats: QueueStats, request: EngineRequest, running_units: float, workers: int) -> Admitted:
+    def admit(self, stats: QueueStats, request: EngineRequest, running_units: float, workers: float) -> Admitted:
         wait_s = self.expected_wait_s(stats, request, running_units, workers)
         target = request.wait_target_s
         if wait_s <= target or request.relax:  # relax work asked to wait for idle time: never refused

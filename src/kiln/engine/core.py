@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from kiln.engine.admission import AdmissionPolicy, Throughput
 from kiln.engine.batches import RunningBatch, SchedulerOutput, running_units
+from kiln.engine.capacity import Capacity
 from kiln.engine.config import EngineConfig
 from kiln.engine.forming import BatchFormer
 from kiln.engine.jobs import JobBook
@@ -50,6 +51,10 @@ class EngineCore:
         self.admission = AdmissionPolicy(self.config, self.throughput)
         self.limits = BatchLimits()
         """Per batch key, the most images that fit in one call (learned from out-of-memory splits)."""
+        self.capacity = Capacity(clock)
+        """Per worker slot, its share of time (the thermal guard lowers a hot GPU's); admission counts it."""
+        if hasattr(executor, "set_slot_gate"):  # an executor that can rest a slot between batches
+            executor.set_slot_gate(self.capacity)
         self.running: dict[str, RunningBatch] = {}
         self.plan_caps: dict[str, int] = dict(self.config.plan_max_running_images)
         self._sharing = Sharing()
@@ -84,7 +89,8 @@ class EngineCore:
     @property
     def next_wake_at(self) -> float | None:
         """Clock time at which a held partial batch is due; the driver steps again by then."""
-        return self._former.next_wake_at
+        due = [t for t in (self._former.next_wake_at, self.capacity.next_open_at()) if t is not None]
+        return min(due, default=None)
 
     # ---- the public API
 
@@ -192,6 +198,14 @@ class EngineCore:
         if max_running_images is not None:
             self.plan_caps[plan] = max_running_images
 
+    def set_capacity(self, slot: int, factor: float) -> None:
+        """A worker slot's share of time (the thermal guard's); admissions use it at once and every
+        queued job hears its new ETA at the next step."""
+        before = self.capacity.factor(slot)
+        self.capacity.set_factor(slot, factor)
+        if self.capacity.factor(slot) != before:
+            self._positions.retell()
+
     def queue_position(self, job_id: str) -> int | None:
         """Queued jobs ahead of this one (0: it runs next); 0 once running, None if unknown."""
         item = self._jobs.item_of.get(job_id)
@@ -290,8 +304,9 @@ class EngineCore:
         if self.queue.weights.get(request.plan) != request.weight:
             self.update_plan(request.plan, weight=request.weight)
 
-    def _workers(self) -> int:
-        return self.executor.total_slots()
+    def _workers(self) -> float:
+        """Workers as admission counts them: each live one at its capacity factor."""
+        return self.capacity.effective_slots(self.executor.total_slots())
 
     def _running_units(self) -> float:
         return running_units(self.running.values())

@@ -88,6 +88,10 @@ class AsyncEngine:
         self.core.update_plan(plan, **changes)
         self._poke()
 
+    def wake(self) -> None:
+        """Step soon: something outside the engine changed what can run (a worker's capacity)."""
+        self._poke()
+
     def queue_position(self, job_id: str) -> int | None:
         return self.core.queue_position(job_id)
 

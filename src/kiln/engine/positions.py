@@ -28,7 +28,7 @@ class Positions:
         queues: WorkQueues,
         running: dict[str, RunningBatch],
         admission: AdmissionPolicy,
-        workers: Callable[[], int],
+        workers: Callable[[], float],
         *,
         interval_s: float,
         metrics: EngineMetrics | None,
@@ -100,6 +100,11 @@ class Positions:
 
     def force(self) -> None:
         """Tell everyone at the next chance, interval or not (requeued work jumped the line)."""
+        self._forced = True
+
+    def retell(self) -> None:
+        """Every queued job's wait changed (the fleet's capacity did): tell each at the next chance."""
+        self._told.clear()
         self._forced = True
 
     def emit_changed(self, now: float, emit: Callable[[EngineEvent], None]) -> None:

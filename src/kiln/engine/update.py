@@ -43,7 +43,7 @@ class Updater:
         former: BatchFormer,
         limits: BatchLimits,
         throughput: Throughput,
-        workers: Callable[[], int],
+        workers: Callable[[], float],
         metrics: EngineMetrics | None,
     ) -> None:
         self.config = config

@@ -87,6 +87,17 @@ class ModelLoad:
     memory_bytes: int
 
 
+class SlotGate(Protocol):
+    """What an executor that can rest a worker between batches asks (`set_slot_gate`); the engine's
+    `Capacity` is one. Slot i is the i-th worker (GPU i unless mapped otherwise)."""
+
+    def may_start(self, slot: int) -> bool: ...
+
+    def ran(self, slot: int, busy_s: float) -> None:
+        """A batch on `slot` ended after `busy_s` seconds on it."""
+        ...
+
+
 class Executor(Protocol):
     """What the engine needs from a pool of workers (local processes or Ray actors)."""
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from kiln.executor.base import ExecBatch, ExecutorOutput, ModelLoad, WorkerLost
+from kiln.executor.base import ExecBatch, ExecutorOutput, ModelLoad, SlotGate, WorkerLost
 from kiln.executor.messages import (
     BATCH_ENDS,
     CancelBatch,
@@ -45,6 +46,7 @@ class _Worker:
     gpu: str | None = None
     """The GPU it was pinned to (what its CUDA_VISIBLE_DEVICES was set to), None on CPU."""
     batch_id: str | None = None
+    batch_since: float = 0.0
     ready: bool = False
     down: bool = False
     gpus_seen: str | None = None
@@ -82,6 +84,7 @@ class LocalExecutor:
         self._workers: list[_Worker] = []
         self._generation = 0
         self._notify: Callable[[], None] | None = None
+        self._gate: SlotGate | None = None
         self._stopping = False
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
         self._reader: threading.Thread | None = None
@@ -161,14 +164,14 @@ class LocalExecutor:
 
     def free_slots(self) -> int:
         with self._lock:
-            return sum(1 for w in self._workers if w.ready and w.batch_id is None and not w.down)
+            return sum(1 for slot, w in enumerate(self._workers) if self._open(slot, w))
 
     def submit(self, batch: ExecBatch) -> None:
         with self._lock:
-            worker = next((w for w in self._workers if w.ready and w.batch_id is None and not w.down), None)
+            worker = next((w for slot, w in enumerate(self._workers) if self._open(slot, w)), None)
             if worker is None:
                 raise RuntimeError("no idle worker: check free_slots() before submit()")
-            worker.batch_id = batch.batch_id
+            worker.batch_id, worker.batch_since = batch.batch_id, time.monotonic()
         self._send(worker, RunBatch(batch))  # outside the lock: the reader thread must never wait on a pipe
 
     def cancel(self, batch_id: str) -> None:
@@ -197,6 +200,14 @@ class LocalExecutor:
 
     def set_notify(self, notify: Callable[[], None] | None) -> None:
         self._notify = notify
+
+    def set_slot_gate(self, gate: SlotGate | None) -> None:
+        """Ask `gate` before giving a slot a batch, and tell it how long each batch kept its slot."""
+        self._gate = gate
+
+    def _open(self, slot: int, worker: _Worker) -> bool:
+        idle = worker.ready and worker.batch_id is None and not worker.down
+        return idle and (self._gate is None or self._gate.may_start(slot))
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Block until every live worker has loaded its model (True) or the timeout passes."""
@@ -285,6 +296,8 @@ class LocalExecutor:
         with self._lock:
             if isinstance(message, BATCH_ENDS) and worker.batch_id == message.batch_id:
                 worker.batch_id = None  # free before the engine sees the output
+                if self._gate is not None and worker in self._workers:
+                    self._gate.ran(self._workers.index(worker), time.monotonic() - worker.batch_since)
             self._outputs.append(message)
             self._changed.notify_all()
         self._notify_driver()

@@ -12,6 +12,7 @@ from kiln.config import PlanSpec
 from kiln.db.engine import write_transaction
 from kiln.db.models import Plan
 from kiln.errors import NotFound
+from kiln.service import audit
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,10 @@ def get_plan(factory: sessionmaker[Session], name: str) -> PlanLimits:
 UNSET = object()
 
 
-def update_plan(factory: sessionmaker[Session], name: str, **changes: object) -> PlanLimits:
-    """Change a plan's live limits; fields passed as UNSET are left alone."""
+def update_plan(factory: sessionmaker[Session], name: str, *, actor: str = "operator",
+                **changes: object) -> PlanLimits:
+    """Change a plan's live limits; fields passed as UNSET are left alone. What changed goes on the
+    audit list, in the same transaction, under `actor` (`cli:<os user>`, `admin:<name>`)."""
     allowed = set(PlanSpec.model_fields)
     with write_transaction(factory) as session:
         plan = session.get(Plan, name)
@@ -81,8 +84,13 @@ def update_plan(factory: sessionmaker[Session], name: str, **changes: object) ->
         unknown = set(values) - allowed
         if unknown:
             raise ValueError(f"unknown plan fields: {sorted(unknown)}")
-        merged = PlanSpec.model_validate({**PlanLimits.of(plan).__dict__, **values})
+        before = PlanLimits.of(plan).__dict__
+        merged = PlanSpec.model_validate({**before, **values})
         for field in values:
             setattr(plan, field, getattr(merged, field))
+        changed = {f: {"from": before[f], "to": getattr(merged, f)}
+                   for f in values if before[f] != getattr(merged, f)}
+        if changed:
+            audit.add(session, actor, "plan.update", name, changes=changed)
         session.flush()
         return PlanLimits.of(plan)

@@ -31,6 +31,7 @@ from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
 from kiln.service.scheduler import Scheduler
 from kiln.service.storage import make_image_store
+from kiln.service.thermal import ThermalGuard
 from kiln.service.webhooks_delivery import WebhookDeliverer
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class SchedulerHost:
         self.scheduler.publish = self.server.publish
         self.webhooks = WebhookDeliverer.of(settings, self.db, self.metrics_registry)
         self.scheduler.webhooks_written = self.webhooks.wake
+        self.thermal = ThermalGuard.from_settings(settings, self.engine, self.db, self.metrics_registry)
         self.started_at = time.time()
         self._metrics = b""
         self._metrics_at = float("-inf")
@@ -78,9 +80,11 @@ class SchedulerHost:
         await self.server.start()  # bind first: API processes learn it is there from its heartbeat
         await self.scheduler.start()
         await asyncio.to_thread(self.webhooks.start)
+        await self.thermal.start()
 
     async def stop(self) -> None:
         try:
+            await self.thermal.stop()
             await self.scheduler.stop()
         finally:
             await asyncio.to_thread(self.webhooks.stop)
@@ -97,7 +101,8 @@ class SchedulerHost:
             workers=self.scheduler.workers, sent_at=time.time(), metrics=self._metrics,
             stats={"queued": len(core.queue),
                    "running_batches": len(core.running), "jobs": self.scheduler.jobs_held(),
-                   "images_per_s": round(core.throughput.images_per_s, 3)},
+                   "images_per_s": round(core.throughput.images_per_s, 3),
+                   "thermal": self.thermal.snapshot()},
         )
 
     # ---- on a thread of its own (tests)

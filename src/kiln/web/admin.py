@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from kiln.errors import InvalidRequest, KilnError, NotFound
-from kiln.service import accounts, plans
+from kiln.service import accounts, audit, plans
 from kiln.service.accounts import Account
 from kiln.web import stats
 from kiln.web.render import not_found_page, page
@@ -66,16 +66,34 @@ def _dashboard(request: Request, account: Account, status_code: int = 200, **ext
         plans=plans.list_plans(db),
         users=accounts.list_users(db),
         keys=accounts.list_keys(db)[::-1],
+        audit=_audit(db, AUDIT_SHOWN),
         flash=flash,
         **extra,
     )
 
 
+AUDIT_SHOWN = 20
+"""Audit entries on the dashboard (all of them: `kiln audit list`, or /admin/api/audit?limit=)."""
+
+
+def _audit(db, limit: int) -> list[dict]:  # type: ignore[no-untyped-def]
+    return [{**e.as_dict(), "change": audit.describe(e)} for e in audit.list_events(db, limit=limit)]
+
+
 @router.get("/api/stats")
 def stats_json(request: Request, _: Admin) -> dict:
+    db = request.app.state.kiln.db
     snapshot = stats.snapshot(request.app)
-    snapshot["plans"] = [p.name for p in plans.list_plans(request.app.state.kiln.db)]
+    snapshot["plans"] = [p.name for p in plans.list_plans(db)]
+    snapshot["audit"] = _audit(db, AUDIT_SHOWN)
     return snapshot
+
+
+@router.get("/api/audit")
+def audit_json(request: Request, _: Admin, limit: int = 100, action: str | None = None) -> dict:
+    """The audit list, newest first: what operators and the thermal guard changed."""
+    entries = audit.list_events(request.app.state.kiln.db, limit=max(1, min(limit, 1000)), action=action)
+    return {"data": [{**e.as_dict(), "change": audit.describe(e)} for e in entries]}
 
 
 def _optional_int(value: str, field: str) -> int | None:
@@ -91,7 +109,7 @@ def _optional_int(value: str, field: str) -> int | None:
 @router.post("/plans/{name}")
 def update_plan(
     request: Request,
-    _: AdminForm,
+    account: AdminForm,
     name: str,
     images_per_day: Annotated[str, Form()] = "",
     priority_weight: Annotated[int, Form()] = 1,
@@ -105,6 +123,7 @@ def update_plan(
         limits = plans.update_plan(
             request.app.state.kiln.db,
             name,
+            actor=f"admin:{account.name}",
             images_per_day=_optional_int(images_per_day, "images_per_day"),
             priority_weight=priority_weight,
             max_concurrent=max_concurrent,

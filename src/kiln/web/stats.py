@@ -49,9 +49,20 @@ def _families(app: FastAPI) -> list[Any]:
     return families
 
 
+def thermal(app: FastAPI) -> dict[str, Any] | None:
+    """The scheduler's thermal guard as its heartbeat carries it (GPUs, states, held limits)."""
+    runner = getattr(getattr(app.state, "kiln", None), "runner", None)
+    status = getattr(runner, "status", None)
+    return (getattr(status, "stats", None) or {}).get("thermal")
+
+
 def snapshot(app: FastAPI) -> dict[str, Any]:
     metrics = _read_metrics(_families(app))
     db = _read_db(app.state.kiln.db)
+    guard = thermal(app)
+    if not metrics["gpus"] and guard:  # no NVML here: the guard's telemetry (a file, DCGM) instead
+        metrics["gpus"] = [{"name": str(g["gpu"]), "temperature_c": g["temp_c"], "utilization": g["util"]}
+                           for g in guard["gpus"]]
     return {
         "time": time.time(),
         "queue_depth": metrics["queue_depth"] or db["queue_depth"],
@@ -60,6 +71,7 @@ def snapshot(app: FastAPI) -> dict[str, Any]:
         "wait_s": db["wait_s"] or metrics["wait_s"],
         "refusals_total": metrics["refusals_total"],
         "gpus": metrics["gpus"],
+        "thermal": guard,
         "sources": {"metrics": metrics["found"], "database": True},
     }
 

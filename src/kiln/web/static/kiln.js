@@ -484,6 +484,32 @@ function initAdmin() {
     ]));
   }
 
+  function cells(row, values) {
+    row.replaceChildren(...values.map((v) => { const td = document.createElement("td"); td.textContent = v ?? "–"; return td; }));
+    return row;
+  }
+
+  function renderThermal(latest) {
+    const rows = $("#gpu-rows"), guard = latest.thermal;
+    if (rows && guard && guard.gpus.length) {
+      rows.replaceChildren(...guard.gpus.map((g) => {
+        const row = cells(document.createElement("tr"), [
+          `GPU ${g.gpu}`, g.workers.join(", "), g.temp_c, g.power_w, g.sm_clock_mhz, g.util,
+          g.throttle_reasons.join(", ") || "none", g.state === "hot" ? (g.cooling ? "hot (cooling)" : "hot") : "ok",
+          `${Math.round(g.capacity_factor * 100)}%`,
+        ]);
+        row.dataset.gpu = g.gpu; row.dataset.state = g.state; row.title = g.why.join("; ");
+        return row;
+      }));
+      $("#thermal-note").textContent = guard.limits_held ? "thermal limits in force" : `limit ${guard.limit_c} °C`;
+    }
+    const audit = $("#audit-rows");
+    if (audit && latest.audit?.length) {
+      audit.replaceChildren(...latest.audit.map((e) => cells(document.createElement("tr"),
+        [e.at.slice(0, 19).replace("T", " "), e.actor, e.action, e.target, e.change])));
+    }
+  }
+
   async function poll() {
     const r = await api("GET", "/admin/api/stats");
     $("#live-dot")?.classList.toggle("stale", !r.ok);
@@ -491,6 +517,7 @@ function initAdmin() {
       snapshots.push(r.data);
       while (snapshots.length > 2 && r.data.time - snapshots[0].time > WINDOW_S) snapshots.shift();
       render();
+      renderThermal(r.data);
       document.body.dataset.statsPolls = String(Number(document.body.dataset.statsPolls || 0) + 1);
     }
   }
