@@ -2,11 +2,15 @@
 
 The API process never runs the engine: it admits jobs (refusals from memory, the scheduler's estimate,
 the admission transaction) and follows them through `SchedulerClient`.
+
+With `redis_url`, replicas share through Redis (`bus`): job events as streams any replica follows,
+and revocations, plan changes and usage announced to every replica (`_share_through`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,10 +26,12 @@ from kiln.looplag import LoopLagProbe
 from kiln.service import content_credentials
 from kiln.service.clock import Clock, SystemClock
 from kiln.service.job_admission import AdmissionWriter
+from kiln.service.job_streams import JobStreamReader
 from kiln.service.key_cache import KeyCache
 from kiln.service.moderation import Moderation
 from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
+from kiln.service.redis_bus import RedisBus
 from kiln.service.refusals import Refusals
 from kiln.service.scheduler_client import SchedulerClient
 from kiln.service.storage import ImageStore
@@ -59,12 +65,16 @@ class AppState:
     browser_account: BrowserAccount | None = None
     loop_lag: LoopLagProbe = field(default=None)  # type: ignore[assignment]
     """How late this process's event loop wakes (`kiln_event_loop_lag_seconds` in /metrics)."""
+    bus: RedisBus | None = None
+    """The Redis the replicas share (`redis_url`); None: this process alone."""
 
     @classmethod
     def build(cls, settings: Settings, *, clock: Clock | None = None) -> AppState:
         engine = make_engine(settings.database_url)
         db = make_session_factory(engine)
         refusals = Refusals()
+        bus = RedisBus(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
+        streams = None if bus is None else JobStreamReader(bus.url, bus.prefix, bus.redis)
         state = cls(
             settings=settings,
             engine=engine,
@@ -83,8 +93,11 @@ class AppState:
             admissions=AdmissionWriter(engine),
             runner=SchedulerClient(db, refusals, control_url=settings.scheduler_url,
                                    events_url=settings.scheduler_events_url,
-                                   timeout_s=settings.scheduler_timeout_s),
+                                   timeout_s=settings.scheduler_timeout_s, streams=streams),
+            bus=bus,
         )
+        if bus is not None:
+            _share_through(bus, state)
         state.metrics = AdmissionMetrics(state.metrics_registry)
         state.loop_lag = LoopLagProbe(state.metrics_registry, interval_s=LOOP_LAG_INTERVAL_S)
         return state
@@ -93,6 +106,8 @@ class AppState:
         await asyncio.to_thread(ensure_plans, self.db, self.settings.plans)
         self.admissions.start()
         await self.keys.start()
+        if self.bus is not None:
+            await self.bus.start()
         await self.runner.start()
         self.loop_lag.start()
         self.ready = True
@@ -101,6 +116,26 @@ class AppState:
         self.ready = False
         await self.loop_lag.stop()
         await self.runner.stop()
+        if self.bus is not None:
+            await self.bus.stop()
         await self.keys.stop()
         await asyncio.to_thread(self.admissions.stop)
         self.engine.dispose()
+
+
+def _share_through(bus: RedisBus, state: AppState) -> None:
+    """What this replica tells the others, and what it does with what they tell: a revoked key is
+    refused, plans are read again, a user's day total is counted. After a lost subscription the
+    revocations and plans are read again and usage forgotten (read on next use)."""
+    keys, plans, refusals = state.keys, state.plans, state.refusals
+    keys.announce = lambda prefix: bus.announce("revoked", prefix=prefix)
+    plans.announce = lambda: bus.announce("plans")
+    refusals.announce = lambda user_id, day, used: bus.announce(
+        "usage", user_id=user_id, day=day.isoformat(), used=used)
+    bus.on("revoked", lambda notice: keys.revoked_elsewhere(notice["prefix"]))
+    bus.on("plans", lambda _notice: plans.invalidate())
+    bus.on("usage", lambda notice: refusals.usage_elsewhere(
+        notice["user_id"], dt.date.fromisoformat(notice["day"]), int(notice["used"])))
+    bus.on_resync(keys.resync)
+    bus.on_resync(plans.invalidate)
+    bus.on_resync(refusals.forget_usage)

@@ -80,6 +80,7 @@ def revoke_key(
 ) -> None:
     """Revoke a key; requests with it fail from the next one on."""
     info = accounts.revoke_key(ctx.obj.db(), key_prefix)
+    ctx.obj.announce("revoked", prefix=info.prefix)
     console.print(f"revoked key [bold]{info.prefix}…[/] of {info.user_name}")
 
 

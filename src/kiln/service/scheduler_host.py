@@ -22,6 +22,7 @@ from kiln.db.engine import make_engine, make_session_factory
 from kiln.engine import EngineMetrics, build_local_engine
 from kiln.service import content_credentials
 from kiln.service.channel import SchedulerServer
+from kiln.service.job_streams import job_stream_writer
 from kiln.service.messages import Status
 from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
@@ -57,6 +58,7 @@ class SchedulerHost:
         self.scheduler = Scheduler(
             self.db, self.store, PlanCache(self.db, settings.live_settings_poll_s), self.engine, self.executor,
             scheduler_id=scheduler_id_of(settings), lease_s=settings.job_lease_s,
+            streams=job_stream_writer(settings),
         )
         self.server = SchedulerServer(self.scheduler, settings.scheduler_url, settings.scheduler_events_url,
                                       status=self._status)
