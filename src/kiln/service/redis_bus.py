@@ -67,6 +67,9 @@ class RedisBus:
         self.prefix = prefix
         self.redis = connect(url)
         self.origin = uuid.uuid4().hex
+        self.subscriber_name = f"kiln-notices-{self.origin[:12]}"
+        """The subscription connection's CLIENT SETNAME (it has one of its own)."""
+        self._subscriber = connect(url, max_connections=1, socket_timeout=None, client_name=self.subscriber_name)
         self.channel = prefix + NOTICES
         self.subscribed = asyncio.Event()
         self._handlers: dict[str, list[Handler]] = {}
@@ -96,6 +99,7 @@ class RedisBus:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self._subscriber.aclose()
         await self.redis.aclose()
 
     async def ping(self, timeout_s: float = 2.0) -> bool:
@@ -123,7 +127,7 @@ class RedisBus:
 
     async def _listen(self) -> None:
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 for resync in self._resync:

@@ -242,6 +242,12 @@ class SchedulerClient:
             async for event in self._local_events(job_id, after):
                 yield event
             return
+        if not replay:  # nothing (more) in the stream: perhaps it expired long after the job ended
+            view = await asyncio.to_thread(jobs.get_job, self.db, job_id)
+            if view.terminal:
+                name, data = terminal_event(view)
+                yield JobEvent(after + 1, name, data)
+                return
         last = after
         for event in replay:
             yield event
