@@ -108,7 +108,7 @@ async def main() -> None:
     try:
         shared = await _shared(url, prefix + "a:", jobs, args.per_job, args.events)
         each = await _one_each(url, prefix + "b:", jobs, args.per_job, args.events)
-        print(_summary("shared read (Kiln)", *shared))
+        print(_summary("shared read (Kiln)", *shared), "(+ the command pool for replays)")
         print(_summary("one connection per follower", *each))
     finally:
         client = aredis.Redis.from_url(url)

@@ -169,6 +169,7 @@ class JobStreamReader:
         self._reader_id: int | None = None
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._waking: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         # its own connection: a read that blocks must never hold one that requests share
@@ -176,9 +177,10 @@ class JobStreamReader:
         self._task = asyncio.create_task(self._read(), name="kiln-job-stream-reader")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._waking):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._reader is not None:
             await self._reader.aclose()
 
@@ -196,8 +198,8 @@ class JobStreamReader:
         follower = _Follower(after)
         self._followers.setdefault(stream_key(self.prefix, job_id), []).append(follower)
         self._changed.set()
-        if self._reader_id is not None:  # wake the shared read so that it includes this stream now
-            asyncio.ensure_future(self._wake(self._reader_id))
+        if self._reader_id is not None and self._waking is None:  # wake the shared read to include it
+            self._waking = asyncio.ensure_future(self._wake(self._reader_id))
         return follower
 
     def unsubscribe(self, job_id: str, follower: _Follower) -> None:
@@ -209,10 +211,13 @@ class JobStreamReader:
             self._followers.pop(key, None)
 
     async def _wake(self, reader_id: int) -> None:
+        """One CLIENT UNBLOCK for every follower that joined meanwhile."""
         try:
             await self.redis.client_unblock(reader_id)
         except Exception:  # noqa: BLE001 - the read's block ends on its own soon
             log.debug("waking the stream reader failed", exc_info=True)
+        finally:
+            self._waking = None
 
     async def _read(self) -> None:
         assert self._reader is not None
