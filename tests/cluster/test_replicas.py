@@ -302,16 +302,29 @@ async def test_job_streams_number_collapse_and_follow(redis_prefix) -> None:
 async def test_calls_cancelled_at_random_never_leave_a_connection_out_of_step(redis_prefix) -> None:
     """The ChatGPT incident's shape (redis-py #2624): many concurrent calls on one shared client,
     cancelled at random points after sending and before the reply; every later reply must be the
-    caller's own."""
+    caller's own (GETs, pipelines, and the job-stream replays SSE requests make)."""
     client = connect(_redis_url(), max_connections=16)
     rng = random.Random(2624)
     keys = [f"{redis_prefix}own:{i}" for i in range(200)]
     value = {key: f"{key}:{'x' * rng.randrange(1, 20_000)}".encode() for key in keys}
     await client.mset(value)
+    writer = JobStreamWriter(_redis_url(), redis_prefix, ttl_s=60, maxlen=100)
+    await writer.start()
+    for j in range(20):
+        for step in range(5):
+            writer.append(JobUpdate(f"job-{j}", "u", "position", {"job": f"job-{j}", "queue_position": step}))
+    await writer.stop()  # written
+    reader = JobStreamReader(_redis_url(), redis_prefix, client)
     wrong: list[tuple[str, Any]] = []
 
     async def call(key: str, other: str) -> None:
-        if rng.random() < 0.5:
+        dice = rng.random()
+        if dice < 0.2:
+            job = f"job-{rng.randrange(20)}"
+            events = await reader.history(job)
+            if [(e.id, e.data["job"]) for e in events] != [(n, job) for n in range(1, 6)]:
+                wrong.append((job, "history"))
+        elif dice < 0.6:
             got = await client.get(key)
             if got != value[key]:
                 wrong.append((key, got[:40] if got else got))
