@@ -1,6 +1,6 @@
-"""Two API replicas (each its own app, memory and event loop) and one scheduler on one database,
-sharing a real Redis (`KILN_TEST_REDIS_URL`): a job submitted on one is followed, resumed and fetched
-on the other; a revoked key, a plan change and a spent free quota reach the other replica within a
+"""Two API replicas and one scheduler on one database, sharing a real Redis (`KILN_TEST_REDIS_URL`):
+as `kiln serve` processes, a job submitted on one is followed, resumed and fetched on the other; as
+two apps in this process (each its own memory and event loop, so memory can be looked at), a revoked key, a plan change and a spent free quota reach the other replica within a
 second (the database polls are set to a minute here, so only Redis can carry them), and a replica
 whose subscription dropped reads what it missed; the sign-in throttle counts across replicas; and a
 shared Redis client whose calls are cancelled at random under load never hands one request another's
@@ -16,6 +16,7 @@ import datetime as dt
 import os
 import random
 import re
+import subprocess
 import sys
 import time
 import uuid
@@ -102,41 +103,6 @@ def _until(condition: Callable[[], Any], within_s: float) -> float:
         assert time.monotonic() - started < within_s, f"not within {within_s} s"
         time.sleep(0.01)
     return time.monotonic() - started
-
-
-@one_database
-def test_a_job_submitted_on_one_replica_is_followed_resumed_and_fetched_on_the_other(replicas,
-                                                                                      make_user) -> None:
-    one, two = replicas
-    ready = httpx.get(f"{two.base_url}/readyz").json()  # what the load balancer asks each replica
-    assert ready["status"] == "ok" and ready["checks"]["redis"] == "ok" and ready["checks"]["database"] == "ok"
-    assert ready["checks"]["scheduler"] == "ok" and ready["workers"] == 1
-    ann = make_user(plan="plus")
-    with one.client(ann.key) as first, two.client(ann.key) as second:
-        job = first.post("/v1/jobs", json={"prompt": "a kiln at dusk", "seed": 3}).json()
-        assert second.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
-        events = events_until_end(second, job["id"])
-        names = [e["event"] for e in events]
-        assert names[0] == "queued" and names[-1] == "completed", names
-        assert names.index("started") < names.index("progress") < names.index("completed")
-        assert [e["id"] for e in events] == sorted({e["id"] for e in events})
-        assert events[0]["data"].keys() >= {"queue_position", "eta_s"}
-        last_progress = [e for e in events if e["event"] == "progress"][-1]["data"]
-        assert last_progress["step"] == last_progress["total"] == 4 and last_progress["preview"]
-        done = second.get(f"/v1/jobs/{job['id']}").json()
-        assert done["status"] == "succeeded" and events[-1]["data"] == {"image_ids": done["image_ids"]}
-        assert second.get(f"/v1/images/{done['image_ids'][0]}/content").status_code == 200
-
-        started = next(e["id"] for e in events if e["event"] == "started")
-        for http in (first, second):  # one numbering, whichever replica a client reconnects to
-            resumed = events_until_end(http, job["id"], last_event_id=started)
-            assert [e["event"] for e in resumed] == ["progress", "completed"]
-            assert [e["id"] for e in resumed] == [events[-2]["id"], events[-1]["id"]]  # the latest progress
-            assert resumed[0]["data"]["preview"]  # a replay keeps the latest preview
-            assert events_until_end(http, job["id"], last_event_id=events[-1]["id"]) == []  # 204
-
-        waited = second.post("/v1/images/generations", json={"prompt": "and wait for it"})
-        assert waited.status_code == 200 and len(waited.json()["data"]) == 1
 
 
 @one_database
@@ -260,6 +226,80 @@ def test_a_replica_that_lost_its_subscription_reads_what_it_missed(replicas, mak
         finally:
             admin.close()
         _until(lambda: http.get("/v1/usage").status_code == 401, 2 * WITHIN_S)  # resubscribed, re-read
+
+
+@one_database
+def test_a_job_submitted_on_one_replica_is_followed_resumed_and_fetched_on_the_other(
+        cluster_settings, tmp_path, make_user, monkeypatch, capsys) -> None:
+    """The deployment itself: `kiln serve --role scheduler` and two `kiln serve --role api` processes."""
+    s = cluster_settings
+    config = tmp_path / "cluster.toml"
+    config.write_text(
+        f'database_url = "{s.database_url}"\ndata_dir = "{tmp_path}"\nimages_dir = "{s.images_dir}"\n'
+        f'redis_url = "{s.redis_url}"\nredis_prefix = "{s.redis_prefix}"\nkey_revocation_poll_s = 60\n'
+        f'scheduler_url = "{s.scheduler_url}"\nscheduler_events_url = "{s.scheduler_events_url}"\n'
+        'default_model = "fake"\nmax_batch_wait_s = 0.0\npreview_every_steps = 2\n[models.fake]\n'
+        f'path = "{tmp_path / "model"}"\nloader = "kiln.testing:load_fake_pipeline"\n'
+        "native_size = 64\nsteps = 4\noptions = { step_s = 0.05 }\n")
+    ports = [free_port(), free_port()]
+    commands = [["--role", "scheduler"]] + [["--role", "api", "--port", str(port)] for port in ports]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    processes = [subprocess.Popen([sys.executable, "-m", "kiln", "--config", str(config), "serve", *args],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                 for args in commands]
+    one, two = (f"http://127.0.0.1:{port}" for port in ports)
+    try:
+        for url in (one, two):
+            def ready(u: str = url) -> bool:
+                assert all(p.poll() is None for p in processes), processes[0].stderr.read().decode()[-2000:]
+                try:
+                    return httpx.get(f"{u}/readyz", timeout=2).status_code == 200
+                except httpx.TransportError:
+                    return False
+            _until(ready, 60)
+        ready_ = httpx.get(f"{two}/readyz").json()  # what the load balancer asks each replica
+        assert ready_["checks"]["redis"] == "ok" and ready_["checks"]["database"] == "ok"
+        assert ready_["checks"]["scheduler"] == "ok" and ready_["workers"] == 1
+        ann = make_user(plan="plus")
+        auth = {"Authorization": f"Bearer {ann.key}"}
+        with httpx.Client(base_url=one, headers=auth, timeout=60) as first, \
+                httpx.Client(base_url=two, headers=auth, timeout=60) as second:
+            _follow_on_the_other(first, second)
+            assert _cli(s, tmp_path, monkeypatch, capsys, "keys", "revoke", ann.key[:14]) == 0
+            for http in (first, second):
+                _until(lambda h=http: h.get("/v1/usage").status_code == 401, WITHIN_S)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(20)
+
+
+def _follow_on_the_other(first: httpx.Client, second: httpx.Client) -> None:
+    job = first.post("/v1/jobs", json={"prompt": "a kiln at dusk", "seed": 3}).json()
+    assert second.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
+    events = events_until_end(second, job["id"])
+    names = [e["event"] for e in events]
+    assert names[0] == "queued" and names[-1] == "completed", names
+    assert names.index("started") < names.index("progress") < names.index("completed")
+    assert [e["id"] for e in events] == sorted({e["id"] for e in events})
+    assert events[0]["data"].keys() >= {"queue_position", "eta_s"}
+    last_progress = [e for e in events if e["event"] == "progress"][-1]["data"]
+    assert last_progress["step"] == last_progress["total"] == 4 and last_progress["preview"]
+    done = second.get(f"/v1/jobs/{job['id']}").json()
+    assert done["status"] == "succeeded" and events[-1]["data"] == {"image_ids": done["image_ids"]}
+    assert second.get(f"/v1/images/{done['image_ids'][0]}/content").status_code == 200
+
+    started = next(e["id"] for e in events if e["event"] == "started")
+    for http in (first, second):  # one numbering, whichever replica a client reconnects to
+        resumed = events_until_end(http, job["id"], last_event_id=started)
+        assert [e["event"] for e in resumed] == ["progress", "completed"]
+        assert [e["id"] for e in resumed] == [events[-2]["id"], events[-1]["id"]]  # the latest progress
+        assert resumed[0]["data"]["preview"]  # a replay keeps the latest preview
+        assert events_until_end(http, job["id"], last_event_id=events[-1]["id"]) == []  # 204
+
+    waited = second.post("/v1/images/generations", json={"prompt": "and wait for it"})
+    assert waited.status_code == 200 and len(waited.json()["data"]) == 1
 
 
 # ---- Redis itself: streams, and cancellation
