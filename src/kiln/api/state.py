@@ -10,7 +10,6 @@ and revocations, plan changes and usage announced to every replica (`_share_thro
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +30,7 @@ from kiln.service.key_cache import KeyCache
 from kiln.service.moderation import Moderation
 from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
-from kiln.service.redis_bus import RedisBus
+from kiln.service.redis_bus import KeyRevoked, PlansChanged, RedisBus, UsageCounted
 from kiln.service.refusals import Refusals
 from kiln.service.scheduler_client import SchedulerClient
 from kiln.service.storage import ImageStore
@@ -128,14 +127,12 @@ def _share_through(bus: RedisBus, state: AppState) -> None:
     refused, plans are read again, a user's day total is counted. After a lost subscription the
     revocations and plans are read again and usage forgotten (read on next use)."""
     keys, plans, refusals = state.keys, state.plans, state.refusals
-    keys.announce = lambda prefix: bus.announce("revoked", prefix=prefix)
-    plans.announce = lambda: bus.announce("plans")
-    refusals.announce = lambda user_id, day, used: bus.announce(
-        "usage", user_id=user_id, day=day.isoformat(), used=used)
-    bus.on("revoked", lambda notice: keys.revoked_elsewhere(notice["prefix"]))
-    bus.on("plans", lambda _notice: plans.invalidate())
-    bus.on("usage", lambda notice: refusals.usage_elsewhere(
-        notice["user_id"], dt.date.fromisoformat(notice["day"]), int(notice["used"])))
+    keys.announce = lambda prefix: bus.announce(KeyRevoked(prefix))
+    plans.announce = lambda: bus.announce(PlansChanged())
+    refusals.announce = lambda user_id, day, used: bus.announce(UsageCounted(user_id, day, used))
+    bus.on(KeyRevoked, lambda notice: keys.revoked_elsewhere(notice.prefix))
+    bus.on(PlansChanged, lambda _notice: plans.invalidate())
+    bus.on(UsageCounted, lambda notice: refusals.usage_elsewhere(notice.user_id, notice.day, notice.used))
     bus.on_resync(keys.resync)
     bus.on_resync(plans.invalidate)
     bus.on_resync(refusals.forget_usage)

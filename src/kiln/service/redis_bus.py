@@ -17,12 +17,13 @@ on theirs (`job_streams`). tests/cluster/test_replicas.py checks it under load.
 from __future__ import annotations
 
 import asyncio
-import json
+import datetime as dt
 import logging
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import redis
 import redis.asyncio as aredis
 
@@ -33,7 +34,37 @@ NOTICES = "notices"
 RETRY_S = 0.5
 """How soon a lost subscription is tried again."""
 
-Handler = Callable[[dict[str, Any]], None]
+
+
+class KeyRevoked(msgspec.Struct, frozen=True, tag=True):
+    prefix: str
+    """The revoked key's display prefix (what `KeyCache` knows keys by, besides their hash)."""
+
+
+class PlansChanged(msgspec.Struct, frozen=True, tag=True):
+    """Some plan's limits changed in the database: read them again."""
+
+
+class UsageCounted(msgspec.Struct, frozen=True, tag=True):
+    """An admission's result: the user's images on `day` after it (the transaction's own total)."""
+
+    user_id: str
+    day: dt.date
+    used: int
+
+
+Notice = KeyRevoked | PlansChanged | UsageCounted
+
+
+class _Envelope(msgspec.Struct, frozen=True):
+    origin: str
+    """The replica that sent it ("cli" for the command line)."""
+    notice: Notice
+
+
+_decode = msgspec.msgpack.Decoder(_Envelope).decode
+_encode = msgspec.msgpack.Encoder().encode
+Handler = Callable[[Any], None]
 
 
 def connect(url: str, *, max_connections: int = 64, **options: Any) -> aredis.Redis:
@@ -49,11 +80,11 @@ def connect(url: str, *, max_connections: int = 64, **options: Any) -> aredis.Re
     return client
 
 
-def announce_once(url: str, namespace: str, kind: str, **data: Any) -> None:
+def announce_once(url: str, prefix: str, notice: Notice) -> None:
     """Announce from outside a server (the CLI): `kiln plans set`, `kiln keys revoke`."""
     client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0)
     try:
-        client.publish(namespace + NOTICES, json.dumps({"kind": kind, "origin": "cli", **data}))
+        client.publish(prefix + NOTICES, _encode(_Envelope("cli", notice)))
     finally:
         client.close()
 
@@ -72,16 +103,17 @@ class RedisBus:
         self._subscriber = connect(url, max_connections=1, socket_timeout=None, client_name=self.subscriber_name)
         self.channel = prefix + NOTICES
         self.subscribed = asyncio.Event()
-        self._handlers: dict[str, list[Handler]] = {}
+        self._handlers: dict[type, list[Handler]] = {}
         self._resync: list[Callable[[], None]] = []
-        self._outbox: asyncio.Queue[str] | None = None
+        self._outbox: asyncio.Queue[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    def on(self, kind: str, handler: Handler) -> None:
+    def on(self, kind: type, handler: Handler) -> None:
+        """Call `handler(notice)` for every notice of type `kind` another replica sends."""
         self._handlers.setdefault(kind, []).append(handler)
 
     def on_resync(self, handler: Callable[[], None]) -> None:
@@ -108,13 +140,12 @@ class RedisBus:
         except Exception:  # noqa: BLE001 - reachability is the answer
             return False
 
-    def announce(self, kind: str, **data: Any) -> None:
+    def announce(self, notice: Notice) -> None:
         """Tell every other replica (in order, soon). Safe from any thread: the web UI's handlers
         run in the thread pool."""
         if self._loop is None or self._outbox is None:
             return
-        payload = json.dumps({"kind": kind, "origin": self.origin, **data})
-        self._loop.call_soon_threadsafe(self._outbox.put_nowait, payload)
+        self._loop.call_soon_threadsafe(self._outbox.put_nowait, _encode(_Envelope(self.origin, notice)))
 
     async def _send(self) -> None:
         assert self._outbox is not None
@@ -147,10 +178,10 @@ class RedisBus:
 
     def _dispatch(self, data: bytes) -> None:
         try:
-            notice = json.loads(data)
-            if notice.get("origin") == self.origin:
+            envelope = _decode(data)
+            if envelope.origin == self.origin:
                 return
-            for handler in self._handlers.get(notice.get("kind", ""), ()):
-                handler(notice)
+            for handler in self._handlers.get(type(envelope.notice), ()):
+                handler(envelope.notice)
         except Exception:  # noqa: BLE001 - one bad notice must not end the subscription
             log.exception("handling a notice from another replica failed")
