@@ -21,6 +21,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -302,10 +303,25 @@ def _follow_on_the_other(first: httpx.Client, second: httpx.Client) -> None:
     assert waited.status_code == 200 and len(waited.json()["data"]) == 1
 
 
+def test_the_sign_in_throttle_counts_in_redis_unless_told_otherwise() -> None:
+    from kiln.config import load_settings
+    from kiln.web import throttle_storage
+
+    shared = load_settings(redis_url="redis://redis.internal:6379/0", redis_prefix="shop:")
+    assert throttle_storage(shared) == ("redis://redis.internal:6379/0", "shop:kiln-sign-in")
+    chosen = load_settings(redis_url="redis://redis.internal:6379/0", throttle_storage_url="memory://")
+    assert throttle_storage(chosen) == ("memory://", "kiln-sign-in")
+    assert throttle_storage(load_settings()) == ("memory://", "kiln-sign-in")  # one box: as before
+
+
 # ---- Redis itself: streams, and cancellation
 
 
-async def test_job_streams_number_collapse_and_follow(redis_prefix) -> None:
+def test_job_streams_number_collapse_and_follow(redis_prefix) -> None:
+    _in_own_loop(_streams_number_collapse_and_follow(redis_prefix))
+
+
+async def _streams_number_collapse_and_follow(redis_prefix: str) -> None:
     url = _redis_url()
     writer = JobStreamWriter(url, redis_prefix, ttl_s=60, maxlen=100)
     commands = connect(url)
@@ -339,7 +355,11 @@ async def test_job_streams_number_collapse_and_follow(redis_prefix) -> None:
         await commands.aclose()
 
 
-async def test_calls_cancelled_at_random_never_leave_a_connection_out_of_step(redis_prefix) -> None:
+def test_calls_cancelled_at_random_never_leave_a_connection_out_of_step(redis_prefix) -> None:
+    _in_own_loop(_cancelled_calls(redis_prefix))
+
+
+async def _cancelled_calls(redis_prefix: str) -> None:
     """The ChatGPT incident's shape (redis-py #2624): many concurrent calls on one shared client,
     cancelled at random points after sending and before the reply; every later reply must be the
     caller's own (GETs, pipelines, and the job-stream replays SSE requests make)."""
@@ -395,6 +415,12 @@ async def test_calls_cancelled_at_random_never_leave_a_connection_out_of_step(re
 
 
 # ---- helpers
+
+
+def _in_own_loop(coro: Any) -> Any:
+    """Run a coroutine on a fresh event loop of its own (whatever loop the session left running)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result(120)
 
 
 def _cli(settings: Settings, tmp_path: Path, monkeypatch, capsys, *args: str) -> int:  # type: ignore[no-untyped-def]
