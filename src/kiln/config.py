@@ -347,6 +347,20 @@ class Settings(BaseSettings):
                 raise ValueError(f"thermal_policy.{plan}: limits are at least 1 (images_per_day at least 0)")
         return value
 
+    # Redis between replicas (issue 11: many API processes that agree within a second)
+    redis_url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://")
+    """Redis every replica shares (`redis://host:6379/0`): job events as streams that any replica
+    follows, revocations, plan changes and usage announced to all within a second, and the sign-in
+    throttle (unless `throttle_storage_url` is set). None: one box, nothing shared, no Redis needed."""
+    redis_prefix: str = Field("kiln:", max_length=64)
+    """The first part of every Redis key and channel Kiln uses, so several Kilns (or tests) can share
+    one Redis."""
+    job_events_ttl_s: int = Field(3600, ge=10, le=30 * 24 * 3600)
+    """How long a finished job's event stream stays in Redis for replays (Last-Event-ID) and late
+    followers; afterwards a stream says the job's outcome from the database."""
+    job_events_maxlen: int = Field(1000, ge=10, le=100_000)
+    """Most events one job's stream keeps (consecutive progress events are kept as one already)."""
+
     @field_validator("models")
     @classmethod
     def _at_least_one_model(cls, value: dict[str, ModelSpec]) -> dict[str, ModelSpec]:

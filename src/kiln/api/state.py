@@ -2,6 +2,9 @@
 
 The API process never runs the engine: it admits jobs (refusals from memory, the scheduler's estimate,
 the admission transaction) and follows them through `SchedulerClient`.
+
+With `redis_url`, replicas share through Redis (`bus`): job events as streams any replica follows,
+and revocations, plan changes and usage announced to every replica (`_share_through`).
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from kiln.engine import AdmissionMetrics
 from kiln.looplag import LoopLagProbe
 from kiln.service.clock import Clock, SystemClock
 from kiln.service.job_admission import AdmissionWriter
+from kiln.service.job_streams import JobStreamReader
 from kiln.service.key_cache import KeyCache
 from kiln.service.moderation import Moderation
 from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
 from kiln.service.prompts.composer import PromptComposer
+from kiln.service.redis_bus import KeyRevoked, PlansChanged, RedisBus, UsageCounted
 from kiln.service.refusals import Refusals
 from kiln.service.scheduler_client import SchedulerClient
 from kiln.service.storage import ImageStore, make_image_store
@@ -61,12 +66,16 @@ class AppState:
     """How late this process's event loop wakes (`kiln_event_loop_lag_seconds` in /metrics)."""
     prompts: PromptComposer = field(default=None)  # type: ignore[assignment]
     """Writes the prompt of a follow-up edit (POST /v1/jobs with `image_id`)."""
+    bus: RedisBus | None = None
+    """The Redis the replicas share (`redis_url`); None: this process alone."""
 
     @classmethod
     def build(cls, settings: Settings, *, clock: Clock | None = None) -> AppState:
         engine = make_engine(settings.database_url)
         db = make_session_factory(engine)
         refusals = Refusals()
+        bus = RedisBus(settings.redis_url, settings.redis_prefix) if settings.redis_url else None
+        streams = None if bus is None else JobStreamReader(bus.url, bus.prefix, bus.redis)
         state = cls(
             settings=settings,
             engine=engine,
@@ -81,8 +90,11 @@ class AppState:
             admissions=AdmissionWriter(engine),
             runner=SchedulerClient(db, refusals, control_url=settings.scheduler_url,
                                    events_url=settings.scheduler_events_url,
-                                   timeout_s=settings.scheduler_timeout_s),
+                                   timeout_s=settings.scheduler_timeout_s, streams=streams),
+            bus=bus,
         )
+        if bus is not None:
+            _share_through(bus, state)
         state.metrics = AdmissionMetrics(state.metrics_registry)
         state.loop_lag = LoopLagProbe(state.metrics_registry, interval_s=LOOP_LAG_INTERVAL_S)
         state.prompts = PromptComposer.from_settings(settings)
@@ -92,6 +104,8 @@ class AppState:
         await asyncio.to_thread(ensure_plans, self.db, self.settings.plans)
         self.admissions.start()
         await self.keys.start()
+        if self.bus is not None:
+            await self.bus.start()
         await self.runner.start()
         self.loop_lag.start()
         self.ready = True
@@ -100,6 +114,24 @@ class AppState:
         self.ready = False
         await self.loop_lag.stop()
         await self.runner.stop()
+        if self.bus is not None:
+            await self.bus.stop()
         await self.keys.stop()
         await asyncio.to_thread(self.admissions.stop)
         self.engine.dispose()
+
+
+def _share_through(bus: RedisBus, state: AppState) -> None:
+    """What this replica tells the others, and what it does with what they tell: a revoked key is
+    refused, plans are read again, a user's day total is counted. After a lost subscription the
+    revocations and plans are read again and usage forgotten (read on next use)."""
+    keys, plans, refusals = state.keys, state.plans, state.refusals
+    keys.announce = lambda prefix: bus.announce(KeyRevoked(prefix))
+    plans.announce = lambda: bus.announce(PlansChanged())
+    refusals.announce = lambda user_id, day, used: bus.announce(UsageCounted(user_id, day, used))
+    bus.on(KeyRevoked, lambda notice: keys.revoked_elsewhere(notice.prefix))
+    bus.on(PlansChanged, lambda _notice: plans.invalidate())
+    bus.on(UsageCounted, lambda notice: refusals.usage_elsewhere(notice.user_id, notice.day, notice.used))
+    bus.on_resync(keys.resync)
+    bus.on_resync(plans.invalidate)
+    bus.on_resync(refusals.forget_usage)

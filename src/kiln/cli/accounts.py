@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.service import accounts
+from kiln.service.redis_bus import KeyRevoked
 
 users_app = typer.Typer(help="Create users and change their plans.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
@@ -80,6 +81,7 @@ def revoke_key(
 ) -> None:
     """Revoke a key; requests with it fail from the next one on."""
     info = accounts.revoke_key(ctx.obj.db(), key_prefix)
+    ctx.obj.announce(KeyRevoked(info.prefix))
     console.print(f"revoked key [bold]{info.prefix}…[/] of {info.user_name}")
 
 

@@ -28,6 +28,15 @@ class CliState:
                 raise ConfigError(f"bad setting {where}: {first['msg']}") from None
         return self._settings
 
+    def announce(self, notice: object) -> None:
+        """Tell every running replica at once through Redis (`redis_url`, a `redis_bus` notice);
+        without it they read the database on their next poll."""
+        settings = self.settings()
+        if settings.redis_url:
+            from kiln.service.redis_bus import announce_once
+
+            announce_once(settings.redis_url, settings.redis_prefix, notice)  # type: ignore[arg-type]
+
     def db(self) -> sessionmaker[Session]:
         """The session factory of a migrated database with the configured plans in it."""
         if self._factory is None:

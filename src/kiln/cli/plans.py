@@ -11,6 +11,7 @@ from rich.table import Table
 
 from kiln.errors import InvalidRequest
 from kiln.service import plans
+from kiln.service.redis_bus import PlansChanged
 
 plans_app = typer.Typer(help="Show and change plans; changes reach running servers within seconds.",
                         no_args_is_help=True)
@@ -70,6 +71,7 @@ def set_plan(
     if not changes:
         raise InvalidRequest("nothing to change: give at least one option, e.g. --images-per-day 5")
     p = plans.update_plan(ctx.obj.db(), plan, actor=f"cli:{_os_user()}", **changes)
+    ctx.obj.announce(PlansChanged())
     console.print(
         f"plan [bold]{p.name}[/]: {_quota(p.images_per_day)} images/day, weight {p.priority_weight}, "
         f"{p.max_concurrent} concurrent, max n {p.max_n}, wait target {p.wait_target_s:g} s, "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,12 +47,7 @@ class JobLog:
 
     def position(self) -> tuple[int | None, float | None]:
         """The last reported place in line and wait, while the job is queued."""
-        for event in reversed(self.events):
-            if event.name in ("queued", "position"):
-                return event.data.get("queue_position"), event.data.get("eta_s")
-            if event.name in ("started", "progress") or event.terminal:
-                return None, None
-        return None, None
+        return position_of(reversed(self.events))
 
     async def follow(self, after: int = 0) -> AsyncIterator[JobEvent]:
         """Events numbered above `after`: replayed, then live, ending with the terminal one."""
@@ -72,6 +67,16 @@ class JobLog:
                     return
         finally:
             self.subscribers.remove(queue)
+
+
+def position_of(newest_first: Iterable[JobEvent]) -> tuple[int | None, float | None]:
+    """The place in line and wait the latest events report (None, None once the job started)."""
+    for event in newest_first:
+        if event.name in ("queued", "position"):
+            return event.data.get("queue_position"), event.data.get("eta_s")
+        if event.name in ("started", "progress") or event.terminal:
+            return None, None
+    return None, None
 
 
 class JobLogs:

@@ -5,6 +5,9 @@ a key (its plan) is read again in the background every `ttl_s`.
 
 So a flood of bad keys, random ones included, costs at most one small read per `catch_up_s`, and a
 flood of one good key none at all. Memory: one entry per live key (about 300 bytes).
+
+With Redis (`announce` set), a key revoked through any replica is announced and refused by every
+other within a second; `resync` (after a lost subscription) reads the revocations again at once.
 """
 
 from __future__ import annotations
@@ -76,7 +79,10 @@ class KeyCache:
         self._created_since = utcnow()
         self._caught_up_at = float("-inf")
         self._catching: asyncio.Future[None] | None = None
+        self._poke = asyncio.Event()
         self.reads = 0
+        self.announce: Callable[[str], None] | None = None
+        """Tells the other replicas of a key revoked here (by its prefix); None: no one to tell."""
 
     async def start(self) -> None:
         started = utcnow() - OVERLAP
@@ -117,10 +123,21 @@ class KeyCache:
         self._known[key_hash] = _Entry(None, self._monotonic(), entry.prefix if entry else "")
 
     def forget_prefix(self, prefix: str) -> None:
-        """A key revoked through this process (known by its prefix): refused at once. Safe from the
-        thread pool (the web UI's handlers): the scan copies the entries first."""
+        """A key revoked through this process (known by its prefix): refused at once, and by the
+        other replicas as soon as they hear. Safe from the thread pool (the web UI's handlers): the
+        scan copies the entries first."""
+        self.revoked_elsewhere(prefix)
+        if self.announce is not None:
+            self.announce(prefix)
+
+    def revoked_elsewhere(self, prefix: str) -> None:
+        """A key revoked through another replica or the CLI: refused from now on."""
         for key_hash in [h for h, e in list(self._known.items()) if e.prefix == prefix]:
             self.forget(key_hash)
+
+    def resync(self) -> None:
+        """Read the revocations now (a notice may have been missed)."""
+        self._poke.set()
 
     async def _catch_up(self) -> None:
         """One read of the keys created since the last look, shared by every request that waits on
@@ -164,7 +181,11 @@ class KeyCache:
 
     async def _watch_revocations(self) -> None:
         while True:
-            await asyncio.sleep(self.refresh_s)
+            try:
+                await asyncio.wait_for(self._poke.wait(), self.refresh_s)
+            except TimeoutError:
+                pass
+            self._poke.clear()
             try:
                 started = utcnow() - OVERLAP
                 revoked = await asyncio.to_thread(

@@ -1,5 +1,6 @@
 """Live plan limits with a short cache: `kiln plans set …` reaches every running server within
-`live_settings_poll_s`, without a database read on every request.
+`live_settings_poll_s`, without a database read on every request. With Redis, a change made through
+any replica or the CLI is announced, and every replica reads the plans again at once (`changed`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class PlanCache:
         self._plans: dict[str, PlanLimits] = {}
         self._loaded_at: float | None = None
         self._lock = threading.Lock()
+        self.announce: Callable[[], None] | None = None
+        """Tells the other replicas that plans changed; None: no one to tell."""
 
     def get(self, name: str) -> PlanLimits:
         """The plan's limits, at most `ttl_s` old."""
@@ -59,3 +62,9 @@ class PlanCache:
     def invalidate(self) -> None:
         with self._lock:
             self._loaded_at = None
+
+    def changed(self) -> None:
+        """Plans were changed through this process: read them again here, and everywhere."""
+        self.invalidate()
+        if self.announce is not None:
+            self.announce()

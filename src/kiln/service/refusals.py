@@ -6,6 +6,9 @@ Memory only ever refuses what the database would refuse too, give or take `reche
 comes from a transaction's result or a read and is corrected by the scheduler's updates (a refund, a
 job finishing); an entry that would refuse and is older than `recheck_s` is read again first. The
 admission transaction still decides every request that memory lets through.
+
+With Redis (`announce` set), each admission's new daily total is announced, so every replica counts
+the admissions made through the others (`usage_elsewhere`) and refuses a spent quota from memory too.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class Refusals:
         self._active: dict[str, _Active] = {}
         self._overloaded: dict[tuple[str, str], _Verdict] = {}
         self._refunded: OrderedDict[str, None] = OrderedDict()
+        self.announce: Callable[[str, dt.date, int], None] | None = None
+        """Tells the other replicas a user's day total after an admission here; None: no one."""
 
     # ---- what memory says
 
@@ -110,6 +115,21 @@ class Refusals:
         self._active.setdefault(user_id, _Active()).jobs.add(job_id)
         if used is not None:
             self.confirm_usage(user_id, day, used)
+            if self.announce is not None:
+                self.announce(user_id, day, used)
+
+    def usage_elsewhere(self, user_id: str, day: dt.date, used: int) -> None:
+        """Another replica admitted: the day's total its transaction returned."""
+        entry = self._usage.get(user_id)
+        if entry is not None and entry.day == day and entry.used > used:
+            # a later admission here or there counted more already; a refund may since have
+            # lowered it, which a read corrects within `recheck_s`
+            used = entry.used
+        self.confirm_usage(user_id, day, used)
+
+    def forget_usage(self) -> None:
+        """Forget every user's usage (a notice may have been missed): read again on next use."""
+        self._usage.clear()
 
     def overloaded(self, plan: str, user_id: str, retry_after_s: float, message: str) -> None:
         """The scheduler refused: the queue cannot drain sooner, so answer the same for a while."""

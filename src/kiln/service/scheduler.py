@@ -5,6 +5,8 @@ cancelled with one refund) published to every API process as `JobUpdate`s.
 It never decides who runs next (the engine does), never speaks HTTP, and touches the ledger only
 through `kiln.service.jobs`. Jobs are leased to it in the database (API processes write the lease in
 the admission itself); it renews them every third of the lease and adopts jobs whose lease lapsed.
+With Redis, it is also the one writer of every job's event stream (`streams`), which any replica
+follows.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from kiln.engine import (
 from kiln.errors import Overloaded
 from kiln.service import job_leases, jobs, webhooks_outbox
 from kiln.service.job_events import terminal_event
+from kiln.service.job_streams import JobStreamWriter
 from kiln.service.messages import Admit, AdmitReply, JobUpdate, Ticket
 from kiln.service.plan_cache import PlanCache
 from kiln.service.storage import ImageStore
@@ -105,6 +108,7 @@ class Scheduler:
         lease_s: float = 30.0,
         publish: Publish | None = None,
         exclusive: bool = False,
+        streams: JobStreamWriter | None = None,
     ) -> None:
         self.db = db
         self.store = store
@@ -117,6 +121,8 @@ class Scheduler:
         self.exclusive = exclusive
         """It holds the scheduler leadership: no other scheduler runs, so it adopts every unfinished
         job held by another at once, live lease or not (a job's Submit lost with a killed leader)."""
+        self.streams = streams
+        """Where every job update is also appended for the replicas (None: no Redis)."""
         self._tickets: dict[str, Ticket] = {}
         self._held: dict[str, _Held] = {}
         self._pending: dict[str, deque[EngineEvent]] = {}
@@ -131,6 +137,8 @@ class Scheduler:
     # ---- lifecycle
 
     async def start(self) -> None:
+        if self.streams is not None:
+            await self.streams.start()
         await asyncio.to_thread(self.executor.start)
         await self.engine.start()
         # Jobs leased to this scheduler's id are from its previous life (nothing of them runs now).
@@ -147,6 +155,8 @@ class Scheduler:
         await asyncio.gather(*self._handlers.values(), return_exceptions=True)  # writes under way
         # What is left unfinished stays charged and queued: the next scheduler to start runs it.
         await asyncio.to_thread(job_leases.release_leases, self.db, self.scheduler_id)
+        if self.streams is not None:
+            await self.streams.stop()  # after the last writes: their events are written too
 
     @property
     def workers(self) -> int:
@@ -275,7 +285,10 @@ class Scheduler:
 
     def _update(self, ticket: Ticket, name: str, data: dict[str, Any], view: jobs.JobView | None = None) -> None:
         charge = {} if view is None else {"charge_state": view.charge_state, "charge_units": view.charge_units}
-        self.publish(JobUpdate(ticket.job_id, ticket.user_id, name, data, **charge))
+        update = JobUpdate(ticket.job_id, ticket.user_id, name, data, **charge)
+        if self.streams is not None:
+            self.streams.append(update)
+        self.publish(update)
 
     async def _apply(self, event: EngineEvent) -> None:
         job_id = event.job_id

@@ -5,6 +5,9 @@ The scheduler may be away (restarting, killed): `admit` then raises `SchedulerAw
 `timeout_s`, never hangs; jobs admitted meanwhile stay queued in the database, unleased, and a
 scheduler adopts them when it is back. Waiting requests also poll the database now and then, so a
 lost update never leaves one hanging.
+
+With `redis_url` set, events are followed in the job's Redis stream instead (`job_streams`), which the
+scheduler writes: so a job submitted through one replica is followed, resumed and looked up on any.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from kiln.errors import Overloaded
 from kiln.service import jobs
 from kiln.service.channel import SchedulerLinks
 from kiln.service.job_events import JobEvent, JobOutcome, outcome_of, terminal_event
-from kiln.service.job_log import JobLogs
+from kiln.service.job_log import JobLogs, position_of
+from kiln.service.job_streams import JobStreamReader
 from kiln.service.messages import Admit, Cancel, JobUpdate, Release, Status, Submit, Ticket
 from kiln.service.plans import PlanLimits
 from kiln.service.refusals import Refusals
@@ -71,8 +75,11 @@ class SchedulerClient:
         poll_s: float = 0.5,
         history_jobs: int = 2000,
         monotonic: Callable[[], float] = time.monotonic,
+        streams: JobStreamReader | None = None,
     ) -> None:
         self.db = db
+        self.streams = streams
+        """The jobs' Redis streams (None: events are this process's own `logs`)."""
         self.refusals = refusals
         self.timeout_s = timeout_s
         self.poll_s = poll_s
@@ -88,8 +95,12 @@ class SchedulerClient:
     async def start(self) -> None:
         self._status_changed = asyncio.Event()
         await self.link.start()
+        if self.streams is not None:
+            await self.streams.start()
 
     async def stop(self) -> None:
+        if self.streams is not None:
+            await self.streams.stop()
         await self.link.stop()
 
     # ---- is it there?
@@ -153,7 +164,26 @@ class SchedulerClient:
         log_ = self.logs.get(job_id)
         return (None, None) if log_ is None else log_.position()
 
-    def last_event_id(self, job_id: str) -> int | None:
+    async def position_anywhere(self, job_id: str) -> tuple[int | None, float | None]:
+        """`position`, or for a job another replica submitted, from its stream's latest events."""
+        log_ = self.logs.get(job_id)
+        if log_ is not None or self.streams is None:
+            return self.position(job_id)
+        try:
+            latest = await self.streams.last(job_id, 8)
+        except Exception:  # noqa: BLE001 - a position is a nicety; the row still answers
+            log.warning("reading a job stream failed", exc_info=True)
+            return None, None
+        return position_of(reversed(latest))
+
+    async def last_event_id(self, job_id: str) -> int | None:
+        """The terminal event's id of a finished job whose events are still kept, else None."""
+        if self.streams is not None:
+            try:
+                latest = await self.streams.last(job_id)
+            except Exception:  # noqa: BLE001 - then the stream is replayed
+                latest = []
+            return latest[0].id if latest and latest[0].terminal else None
         log_ = self.logs.finished.get(job_id)
         return None if log_ is None else log_.next_id - 1
 
@@ -182,6 +212,14 @@ class SchedulerClient:
     async def events(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
         """The job's events with ids above `after`: replayed, then live, ending with the terminal one.
         A job this process does not follow is followed in the database."""
+        if self.streams is not None:
+            async for event in self._events_from_stream(job_id, after):
+                yield event
+            return
+        async for event in self._local_events(job_id, after):
+            yield event
+
+    async def _local_events(self, job_id: str, after: int) -> AsyncIterator[JobEvent]:
         log_ = self.logs.get(job_id)
         if log_ is None:
             async for event in self._events_from_db(job_id, after):
@@ -193,6 +231,58 @@ class SchedulerClient:
                 yield event
         finally:
             watchdog.cancel()
+
+    async def _events_from_stream(self, job_id: str, after: int) -> AsyncIterator[JobEvent]:
+        """The job's Redis stream: replayed, then live through the shared read. Its row is looked at
+        when the stream goes quiet for `DB_POLL_S`: a job that ended without its event reaching the
+        stream (a scheduler gone, Redis away) still ends its followers."""
+        assert self.streams is not None
+        try:
+            replay = await self.streams.history(job_id, after)
+        except Exception:  # noqa: BLE001 - Redis away: what this process knows itself
+            log.warning("reading a job stream failed; following the job here", exc_info=True)
+            async for event in self._local_events(job_id, after):
+                yield event
+            return
+        if not replay:  # nothing (more) in the stream: perhaps it expired long after the job ended
+            view = await asyncio.to_thread(jobs.get_job, self.db, job_id)
+            if view.terminal:
+                name, data = terminal_event(view)
+                yield JobEvent(after + 1, name, data)
+                return
+        last = after
+        for event in replay:
+            yield event
+            last = event.id
+            if event.terminal:
+                return
+        follower = self.streams.subscribe(job_id, last)
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(follower.queue.get(), DB_POLL_S)
+                except TimeoutError:
+                    view = await asyncio.to_thread(jobs.get_job, self.db, job_id)
+                    if not view.terminal:
+                        continue
+                    try:  # it ended: its event is in the stream, or was lost on the way
+                        tail = await self.streams.history(job_id, last)
+                    except Exception:  # noqa: BLE001 - the row says how it ended
+                        tail = []
+                    if not any(e.terminal for e in tail):
+                        name, data = terminal_event(view)
+                        tail = [*tail, JobEvent(max([last, *(e.id for e in tail)]) + 1, name, data)]
+                    for event in tail:
+                        yield event
+                        if event.terminal:
+                            return
+                    continue
+                yield event
+                last = event.id
+                if event.terminal:
+                    return
+        finally:
+            self.streams.unsubscribe(job_id, follower)
 
     async def _watch_in_db(self, job_id: str) -> None:
         """While a followed job has not ended here, look at its row now and then: if it ended and

@@ -26,6 +26,7 @@ from kiln.db.engine import make_engine, make_session_factory
 from kiln.engine import EngineMetrics, build_local_engine
 from kiln.service.channel import SchedulerServer
 from kiln.service.leadership import Leadership, leadership_for
+from kiln.service.job_streams import job_stream_writer
 from kiln.service.messages import Status
 from kiln.service.plan_cache import PlanCache
 from kiln.service.plans import ensure_plans
@@ -64,6 +65,7 @@ class SchedulerHost:
         self.scheduler = Scheduler(
             self.db, self.store, PlanCache(self.db, settings.live_settings_poll_s), self.engine, self.executor,
             scheduler_id=scheduler_id_of(settings), lease_s=settings.job_lease_s, exclusive=exclusive,
+            streams=job_stream_writer(settings),
         )
         self.server = SchedulerServer(self.scheduler, settings.scheduler_url, settings.scheduler_events_url,
                                       status=self._status)

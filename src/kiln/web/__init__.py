@@ -18,6 +18,17 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from kiln.api.state import AppState
+    from kiln.config import Settings
+
+
+def throttle_storage(settings: Settings) -> tuple[str, str]:
+    """The sign-in throttle's `limits` storage and namespace: `throttle_storage_url` when set, else
+    the replicas' Redis (`redis_url`, under `redis_prefix`), else this process's memory."""
+    from kiln.web.throttle import NAMESPACE
+
+    if settings.redis_url and "throttle_storage_url" not in settings.model_fields_set:
+        return settings.redis_url, f"{settings.redis_prefix}{NAMESPACE}"
+    return settings.throttle_storage_url, NAMESPACE
 
 
 def install_web(app: FastAPI, state: AppState) -> None:
@@ -29,7 +40,8 @@ def install_web(app: FastAPI, state: AppState) -> None:
 
     install_sessions(app, state.settings)
     state.browser_account = session_account_async
-    app.state.kiln_sign_in_throttle = SignInThrottle(state.settings.throttle_storage_url)
+    storage_url, namespace = throttle_storage(state.settings)
+    app.state.kiln_sign_in_throttle = SignInThrottle(storage_url, namespace=namespace)
     admin.install_admin_errors(app)
     app.include_router(signin.router)
     app.include_router(chat.router)

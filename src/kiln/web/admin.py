@@ -136,6 +136,7 @@ def update_plan(
         if wants_json:
             return JSONResponse({"error": {"message": message}}, status_code=400)
         return _flash(request, f"Plan {name}: {message}")
+    request.app.state.kiln.plans.changed()  # read again here at once, and on every replica
     if wants_json:
         return JSONResponse({"plan": limits.__dict__, "message": f"Saved {name}."})
     return _flash(request, f"Saved plan {name}.")

@@ -23,7 +23,9 @@ def _ping(engine: Engine) -> None:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """The database, the scheduler (and its workers) and this process: 200 when all can serve."""
+    """The database, Redis (when `redis_url` is set: reachable and subscribed to the other replicas'
+    notices), the scheduler (and its workers) and this process: 200 when all can serve, else 503.
+    The body names each check and the scheduler's worker count."""
     state = request.app.state.kiln
     checks: dict[str, str] = {}
     try:
@@ -31,11 +33,16 @@ async def readyz(request: Request) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - readiness reports, never raises
         checks["database"] = f"error: {type(exc).__name__}"
+    if state.bus is not None:
+        reachable = await state.bus.ping()
+        checks["redis"] = "ok" if reachable and state.bus.subscribed.is_set() else (
+            "subscribing" if reachable else "unreachable")
     checks["server"] = "ok" if state.ready else "starting"
     status = state.runner.status
     checks["scheduler"] = "ok" if state.runner.available else "unavailable"
     if status is not None and state.runner.available:
         checks["workers"] = "ok" if status.workers > 0 else "none"
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks},
+    workers = status.workers if status is not None and state.runner.available else 0
+    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks, "workers": workers},
                         status_code=200 if ok else 503)

@@ -26,12 +26,13 @@ from kiln.service.prompts import composer
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
 
-def job_info(view: jobs.JobView, state: AppState | None = None, admission: jobs.Admission | None = None) -> JobInfo:
+def job_info(view: jobs.JobView, state: AppState | None = None, admission: jobs.Admission | None = None,
+             place: tuple[int | None, float | None] | None = None) -> JobInfo:
     """The job object (`webhooks_outbox.job_object`, what its webhooks carry too) with a queued job's
-    live position and wait."""
+    live position and wait; `place`: the position and wait already looked up (else this process's own)."""
     position = eta_s = None
     if state is not None and not view.terminal:
-        position, eta_s = state.runner.position(view.id)
+        position, eta_s = place if place is not None else state.runner.position(view.id)
         if position is None and admission is not None and admission.position is not None:
             position = admission.position  # the scheduler's guess, until its first update arrives
             eta_s = None if admission.expected_wait_s is None else round(admission.expected_wait_s, 3)
@@ -106,7 +107,9 @@ async def list_jobs(
 
 @router.get("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)
 async def get_job(job_id: str, state: State, account: CurrentAccount) -> JobInfo:
-    return job_info(await asyncio.to_thread(jobs.get_job, state.db, job_id, account.user_id), state)
+    view = await asyncio.to_thread(jobs.get_job, state.db, job_id, account.user_id)
+    place = None if view.terminal else await state.runner.position_anywhere(view.id)  # from any replica
+    return job_info(view, state, place=place)
 
 
 @router.delete("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)
@@ -127,7 +130,7 @@ async def _resume_after(
     """Where a stream resumes; 404 if the job is not yours, 204 if its last event was seen."""
     view = await asyncio.to_thread(jobs.get_job, state.db, job_id, account.user_id)
     after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
-    last = state.runner.last_event_id(job_id)
+    last = await state.runner.last_event_id(job_id)
     if view.terminal and last is not None and after >= last:
         raise HTTPException(status_code=204)  # tells EventSource to stop reconnecting
     return after
