@@ -46,6 +46,23 @@ def _postgres_schema_url(base_url: str) -> Iterator[str]:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
+@pytest.fixture(autouse=True)
+def _no_borrowed_running_loop(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Outside tests/web, the main thread runs no event loop of Playwright's. Its sync API (the
+    session's Chromium) marks its loop as the main thread's running loop for as long as it lives, and
+    asyncio.run in any test after the first browser test would refuse to start; the mark is lifted
+    for the test and put back after it."""
+    borrowed = asyncio.events._get_running_loop()
+    if borrowed is None or "tests/web/" in request.node.nodeid:
+        yield
+        return
+    asyncio.events._set_running_loop(None)
+    try:
+        yield
+    finally:
+        asyncio.events._set_running_loop(borrowed)
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, unmigrated database: a SQLite file, or a new PostgreSQL schema."""
