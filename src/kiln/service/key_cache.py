@@ -78,6 +78,8 @@ class KeyCache:
         self._revoked_since = utcnow()
         self._created_since = utcnow()
         self._caught_up_at = float("-inf")
+        self._read_started_at = float("-inf")
+        """When the latest read of new keys began: a key is known once a read began after it was used."""
         self._catching: asyncio.Future[None] | None = None
         self._poke = asyncio.Event()
         self.reads = 0
@@ -86,6 +88,7 @@ class KeyCache:
 
     async def start(self) -> None:
         started = utcnow() - OVERLAP
+        self._read_started_at = self._monotonic()
         rows = await asyncio.to_thread(_read, self.db, _keys().where(ApiKey.revoked_at.is_(None)))
         now = self._monotonic()
         for row in rows:
@@ -106,7 +109,7 @@ class KeyCache:
         key_hash = hash_key(key)
         entry = self._known.get(key_hash)
         if entry is None:  # perhaps a key made since the last look: catch up on all new ones
-            await self._catch_up()
+            await self._catch_up(after=self._monotonic())
             entry = self._known.get(key_hash)
             if entry is None:
                 raise _refused()
@@ -139,22 +142,27 @@ class KeyCache:
         """Read the revocations now (a notice may have been missed)."""
         self._poke.set()
 
-    async def _catch_up(self) -> None:
-        """One read of the keys created since the last look, shared by every request that waits on
-        it, and at most one per `catch_up_s` however many unknown keys arrive."""
-        if self._catching is not None:
+    async def _catch_up(self, after: float) -> None:
+        """Until a read of the keys created since the last look has begun after `after` (when the
+        unknown key was used): one read, shared by every request that waits on it, and at most one
+        per `catch_up_s` however many unknown keys arrive (a request early in the window waits for
+        it: a key made a moment ago is never refused)."""
+        while self._read_started_at < after:
+            if self._catching is None:
+                wait_s = self.catch_up_s - (self._monotonic() - self._caught_up_at)
+                catching = self._catching = asyncio.ensure_future(self._read_new_keys(max(0.0, wait_s)))
+                catching.add_done_callback(self._caught_up)
             await asyncio.shield(self._catching)
-            return
-        if self._monotonic() - self._caught_up_at < self.catch_up_s:
-            return
-        self._catching = asyncio.ensure_future(self._read_new_keys())
-        try:
-            await asyncio.shield(self._catching)
-        finally:
+
+    def _caught_up(self, catching: asyncio.Future[None]) -> None:
+        if self._catching is catching:
             self._catching = None
 
-    async def _read_new_keys(self) -> None:
+    async def _read_new_keys(self, delay_s: float) -> None:
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
         since, started = self._created_since, utcnow() - OVERLAP
+        self._read_started_at = self._monotonic()
         self.reads += 1
         try:
             rows = await asyncio.to_thread(_read, self.db, _keys().where(ApiKey.created_at >= since))
