@@ -7,6 +7,7 @@
     ├── AuthenticationFailed  401  invalid_api_key
     ├── NotFound              404  not_found (also for objects that are someone else's)
     │   └── ModelNotFound     404  model_not_found
+    ├── JobCancelled          409  job_cancelled (the job a request waited on was cancelled)
     ├── PayloadTooLarge       413  payload_too_large
     ├── QuotaExceeded         429  quota_exceeded, Retry-After = seconds to the quota reset
     ├── RateLimited           429  rate_limit_exceeded (plan's concurrency cap)
@@ -58,6 +59,12 @@ class NotFound(KilnError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class JobCancelled(KilnError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "job_cancelled"
 
 
 class PayloadTooLarge(KilnError):

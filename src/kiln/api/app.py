@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from kiln import __version__
 from kiln.api.body_limit import BodySizeLimit
 from kiln.api.errors import install_error_handlers
+from kiln.api.openapi import install_openapi
 from kiln.api.refusal_gate import RefusalGate
 from kiln.api.routes import health, images, jobs, keys, metrics, models, usage
 from kiln.api.state import AppState
@@ -38,6 +39,7 @@ def create_api_app(
     app = FastAPI(title="Kiln", version=__version__, lifespan=lifespan)
     app.state.kiln = state
     install_error_handlers(app)
+    install_openapi(app, state.registry)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(models.router)

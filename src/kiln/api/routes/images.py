@@ -22,9 +22,11 @@ from starlette.datastructures import UploadFile
 
 from kiln.api.deps import CurrentAccount, State
 from kiln.api.headers import degraded_header
-from kiln.api.schemas import ERRORS, EditRequest, GenerationRequest, ImageInfo, ImagesResponse
+from kiln.api.schemas import (
+    ERRORS, IMAGE_ERRORS, EditRequest, GenerationRequest, ImageId, ImageInfo, ImagesResponse,
+)
 from kiln.api.state import AppState
-from kiln.errors import GenerationFailed, InvalidRequest, KilnError, Overloaded
+from kiln.errors import GenerationFailed, InvalidRequest, JobCancelled, KilnError, Overloaded
 from kiln.service import content_credentials, jobs, provenance
 from kiln.service import image_requests as ir
 from kiln.service.accounts import Account
@@ -134,9 +136,12 @@ async def _abandon(state: AppState, job_id: str) -> None:
     await state.runner.cancel(job_id)
 
 
-def _failure(status: str, code: str | None) -> GenerationFailed:
-    reason = "was cancelled" if status == "cancelled" else "failed"
-    return GenerationFailed(f"The image generation {reason} ({code or status}); your quota was refunded.")
+def _failure(status: str, code: str | None) -> KilnError:
+    """A job that did not succeed: cancelled (by its owner, or an earlier request with this
+    Idempotency-Key whose client went away) is the request's conflict, a failure the server's."""
+    if status == "cancelled":
+        return JobCancelled("The image generation was cancelled; your quota was refunded.")
+    return GenerationFailed(f"The image generation failed ({code or status}); your quota was refunded.")
 
 
 async def _result(
@@ -215,7 +220,7 @@ _STREAM = {200: {"content": {"text/event-stream": {}},
 
 
 @router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-             responses={**_STREAM, **ERRORS})
+             responses={**_STREAM, **IMAGE_ERRORS})
 async def create_image(
     body: GenerationRequest,
     request: Request,
@@ -231,16 +236,31 @@ async def create_image(
 
 
 def _edit_schema() -> dict[str, Any]:
-    schema = EditRequest.model_json_schema()
+    """The multipart body as the route reads it: files, then EditRequest's fields as form fields, which
+    are present or absent, never null; `loras` travels as a JSON string."""
+    schema = EditRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)  # LoraChoice is among the components already (GenerationRequest's)
     binary = {"type": "string", "format": "binary"}
+    fields = {name: _not_null(prop) for name, prop in schema["properties"].items()}
     schema["properties"] = {
-        "image": {"anyOf": [binary, {"type": "array", "items": binary}],
-                  "description": "PNG, JPEG or WEBP; the first image is edited."},
+        "image": {"type": "array", "items": binary, "minItems": 1, "maxItems": 16,
+                  "description": "PNG, JPEG or WEBP files (one part each, `image` or `image[]`); the "
+                                 "first one is edited."},
         "mask": {**binary, "description": "PNG the size of the image; transparent = edit here."},
-        **schema["properties"],
+        **fields,
     }
     schema["required"] = ["image", *schema.get("required", [])]
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+    content = {"schema": schema, "encoding": {"loras": {"contentType": "application/json"}}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": content}}}
+
+
+def _not_null(prop: dict[str, Any]) -> dict[str, Any]:
+    """A form field's schema without pydantic's `null` branch (a form cannot send a null)."""
+    branches = [b for b in prop.get("anyOf", ()) if b.get("type") != "null"]
+    if "anyOf" not in prop or not branches:
+        return prop
+    rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+    return {**rest, **branches[0]} if len(branches) == 1 else {**rest, "anyOf": branches}
 
 
 async def _read_form(request: Request) -> tuple[dict[str, str], dict[str, list[bytes]]]:
@@ -256,7 +276,7 @@ async def _read_form(request: Request) -> tuple[dict[str, str], dict[str, list[b
 
 
 @router.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
-             responses={**_STREAM, **ERRORS}, openapi_extra=_edit_schema())
+             responses={**_STREAM, **IMAGE_ERRORS}, openapi_extra=_edit_schema())
 async def edit_image(
     request: Request,
     response: Response,
@@ -270,7 +290,7 @@ async def edit_image(
         raise InvalidRequest("Send the edit as multipart/form-data with an 'image' file.", param="image")
     fields, files = await _read_form(request)
     try:
-        body = EditRequest.model_validate(fields)
+        body = EditRequest.from_form(fields)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
     unknown = set(files) - {"image", "mask"}
@@ -292,7 +312,7 @@ async def edit_image(
 
 
 @router.get("/images/{image_id}", response_model=ImageInfo, responses=ERRORS)
-async def get_image(image_id: str, request: Request, state: State, account: CurrentAccount) -> ImageInfo:
+async def get_image(image_id: ImageId, request: Request, state: State, account: CurrentAccount) -> ImageInfo:
     """An image's metadata and the provenance read back from the file itself (owner only)."""
     image = await asyncio.to_thread(jobs.get_image, state.db, image_id, account.user_id)
     job = await asyncio.to_thread(jobs.get_job, state.db, image.job_id, account.user_id)
@@ -309,7 +329,7 @@ async def get_image(image_id: str, request: Request, state: State, account: Curr
 
 @router.get("/images/{image_id}/content", response_class=FileResponse, responses={
     200: {"content": {m: {} for m in _MEDIA.values()}, "description": "The image file."}, **ERRORS})
-async def get_image_content(image_id: str, state: State, account: CurrentAccount) -> FileResponse:
+async def get_image_content(image_id: ImageId, state: State, account: CurrentAccount) -> FileResponse:
     """The stored image file (what `response_format=url` points at; needs the owner's key)."""
     image = await asyncio.to_thread(jobs.get_image, state.db, image_id, account.user_id)
     path = state.store.path(image.path)
