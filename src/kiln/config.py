@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -195,6 +195,15 @@ class Settings(BaseSettings):
     throttle_storage_url: str = Field("memory://", pattern=r"^[a-z][a-z0-9+.-]*://")
     """Where the web UI's sign-in throttle counts wrong passwords: any synchronous `limits` storage
     URI; `memory://` counts per process, `redis://host:6379/0` across every replica sharing it."""
+
+    # /metrics behind an operator token or on a bind address of its own (issue 13, the contract)
+    metrics_token: SecretStr | None = None
+    """Bearer token that `GET /metrics` asks for (401 without it, on whichever address serves it); None
+    leaves /metrics open, as Prometheus exporters usually are: set it, or `metrics_bind`, wherever the
+    API's port is reachable by people who should not read the queue depths and refusal counts."""
+    metrics_bind: str | None = Field(None, pattern=r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
+    """`host:port` of a second listener that serves only /metrics (e.g. `10.0.0.5:9464` for a private
+    network); when set, the API's own port answers 404 for /metrics. None: /metrics is on the API's port."""
 
     @field_validator("models")
     @classmethod
