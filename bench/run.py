@@ -1,6 +1,6 @@
 """`make bench`: run every scenario and write bench/results/<date>/report.md with tables and plots.
 
-Usage: python -m bench.run [--quick] [--only ceiling,saturation,...,flood] [--model PATH]
+Usage: python -m bench.run [--quick] [--only ceiling,saturation,...,flood,soak] [--model PATH]
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import traceback
 from pathlib import Path
 
 from bench.harness import EMBEDDED, REPO, Context, Section, machine
-from bench.scenarios import ceiling, flood, gateway, isolation, peer, served
+from bench.scenarios import ceiling, flood, gateway, isolation, peer, served, soak
 
-ORDER = ("ceiling", "saturation", "batching", "isolation", "gateway", "flood", "peer")
+ORDER = ("ceiling", "saturation", "batching", "isolation", "gateway", "flood", "peer", "soak")
 # Scenarios that size their load from saturation (which needs ceiling); flood and gateway need neither.
 NEEDS_SATURATION = {"saturation", "batching", "isolation", "peer"}
 # The report's sections: flood writes two.
@@ -76,6 +76,8 @@ def main() -> None:
         attempt("flood", flood.run)
     if "peer" in wanted:
         attempt("peer", peer.run)
+    if "soak" in wanted:
+        attempt("soak", soak.run)
 
     earlier = [n for n in SECTIONS if n in ctx.results and n not in fresh]
     kept = f"; kept from an earlier run in this folder: {', '.join(earlier)}" if earlier else ""
