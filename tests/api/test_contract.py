@@ -29,7 +29,7 @@ from schemathesis.transport.serialization import Binary
 
 from kiln.config import load_settings
 
-EXAMPLES_PER_OPERATION = 6
+EXAMPLES_PER_OPERATION = 4
 """Fuzzed examples per operation and mode (valid, invalid), besides the coverage phase's own."""
 STATEFUL_STEPS = 5
 
