@@ -53,7 +53,7 @@ def contract_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     from kiln.db.engine import make_engine, make_session_factory
     from kiln.db.migrate import upgrade
     from kiln.service import accounts
-    from kiln.service.plans import ensure_plans
+    from kiln.service.plans import ensure_plans, update_plan
     from kiln.service.scheduler_host import SchedulerHost
 
     tmp_path = tmp_path_factory.mktemp("contract")
@@ -71,6 +71,9 @@ def contract_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     engine = make_engine(database_url)
     factory = make_session_factory(engine)
     ensure_plans(factory, configured.plans)
+    # Unlimited images, but few at once: the backlog of the fuzzer's jobs (up to 10 images of
+    # 1536x1024 each) stays short, and the cap's 429 is one more documented answer.
+    update_plan(factory, "enterprise", max_concurrent=3)
     accounts.create_user(factory, "fuzzer", "enterprise")
     key, _ = accounts.create_key(factory, "fuzzer")
 
@@ -142,6 +145,8 @@ def contract_schema(contract_server: tuple[Server, str]) -> Any:
             {"include-path": "/v1/images/edits", "phases": {"coverage": {"enabled": False}}},
         ],
         "checks": {
+            # 503 is the documented overload answer (with Retry-After); any other 5xx is a failure.
+            "not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", 503]},
             # A cancelled job stays readable (as cancelled), as OpenAI's cancelled batches do.
             "use_after_free": {"enabled": False},
             # A valid body with an Idempotency-Key that came before with another body is a 422, as
