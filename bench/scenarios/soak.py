@@ -3,7 +3,8 @@
 every Kiln process's RSS, open file descriptors and database connections are sampled every few seconds.
 
 Passes when, after the warm-up, each stays flat (the last quarter's median within 10 % of the first
-quarter's, or within one for counts), no answer is a 5xx other than the documented 503, no admitted job is lost, and at the end
+quarter's, or within one for counts), no answer is a 5xx other than the documented 503, no admitted
+job is lost, and at the end
 the ledger balances: every unit charged became an image or was refunded, and each day's usage row is
 the sum of its committed charges. 30 minutes; `--quick` 3.
 """
@@ -216,8 +217,9 @@ async def load(url: str, keys: dict[str, str], duration_s: float, seed: int = 7)
     picture = _png()
     stop_at = time.monotonic() + duration_s
     master = random.Random(seed)
-    await asyncio.gather(*(client_loop(url, name, key, stop_at, random.Random(master.random()), tally, picture)
-                           for name, key in keys.items()))
+    await asyncio.gather(*(
+        client_loop(url, name, key, stop_at, random.Random(master.random()), tally, picture)
+        for name, key in keys.items()))
     return tally
 
 
@@ -257,17 +259,20 @@ def ledger(database_url: str) -> dict[str, Any]:
     for row in usage:
         expected = committed.get((row["user_id"], row["day"]), 0)
         if row["used"] != expected:
-            problems.append(f"usage of {row['user_id']} on {row['day']}: {row['used']} ≠ {expected} committed")
+            problems.append(
+                f"usage of {row['user_id']} on {row['day']}: {row['used']} ≠ {expected} committed")
     if orphans:
         problems.append(f"{orphans} images belong to jobs that did not succeed")
-    charged = sum(r["charge_units"] for r in jobs if r["charge_state"] in ("committed", "refunded", "reserved"))
+    charged = sum(r["charge_units"] for r in jobs
+                  if r["charge_state"] in ("committed", "refunded", "reserved"))
     return {
         "jobs": len(jobs),
         "by_status": dict(Counter(r["status"] for r in jobs)),
         "charged": charged,
         "imaged": sum(r["images"] for r in jobs if r["charge_state"] == "committed"),
         "refunded": sum(r["charge_units"] for r in jobs if r["charge_state"] == "refunded"),
-        "uncharged_images": sum(r["images"] for r in jobs if r["charge_state"] not in ("committed", "refunded")),
+        "uncharged_images": sum(r["images"] for r in jobs
+                                if r["charge_state"] not in ("committed", "refunded")),
         "ids": {r["id"] for r in jobs},
         "problems": problems,
     }
@@ -311,7 +316,8 @@ def plot(path: Path, samples: list[Sample], warmup_s: float) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(3, 1, figsize=(7.2, 7.6), dpi=110, sharex=True)
-    metrics = (("rss_mb", "RSS (MiB)"), ("fds", "open file descriptors"), ("db_connections", "PostgreSQL connections"))
+    metrics = (("rss_mb", "RSS (MiB)"), ("fds", "open file descriptors"),
+               ("db_connections", "PostgreSQL connections"))
     roles = sorted({role for s in samples for role in s.rss_mb})
     xs = [s.t_s / 60 for s in samples]
     for ax, (metric, label) in zip(axes, metrics, strict=True):
@@ -335,7 +341,8 @@ def run(ctx: Context) -> Section:
     every_s = QUICK_SAMPLE_S if ctx.quick else SAMPLE_S
     warmup_s = duration_s * WARMUP_SHARE
     with postgres_schema() as database_url:
-        settings = {"database_url": database_url, "torch_threads": 1,  # its own scheduler ports, not 8001/8002
+        # Its own scheduler ports, not the default 8001/8002 another server on the machine may hold.
+        settings = {"database_url": database_url, "torch_threads": 1,
                     "scheduler_url": f"tcp://127.0.0.1:{free_port()}",
                     "scheduler_events_url": f"tcp://127.0.0.1:{free_port()}"}
         with KilnServer(None, settings, fake_step_s=0.02, threads=1) as server:
@@ -377,7 +384,8 @@ def run(ctx: Context) -> Section:
         f"{books['jobs']:,} jobs ({', '.join(f'{n} {s}' for s, n in sorted(books['by_status'].items()))}). "
         f"After the {warmup_s:.0f}-s warm-up every process stayed "
         + ("flat (within 10 %, counts within one)" if not unflat else f"flat except {', '.join(unflat)}")
-        + f"; {server_errors} server errors, {len(lost)} lost jobs. Ledger: {books['charged']} units charged = "
+        + f"; {server_errors} server errors, {len(lost)} lost jobs. "
+        f"Ledger: {books['charged']} units charged = "
         f"{books['imaged']} images + {books['refunded']} refunded"
         + (" (balanced)." if books["charged"] == books["imaged"] + books["refunded"] and not books["problems"]
            else " — **not balanced**.")

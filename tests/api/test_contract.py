@@ -20,7 +20,9 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from conftest import POSTGRES_ENV, Server, _postgres_schema_url, fake_models, free_port_socket, with_scheduler_ports
+from conftest import (
+    POSTGRES_ENV, Server, _postgres_schema_url, fake_models, free_port_socket, with_scheduler_ports,
+)
 from engine_server import engine_settings
 from PIL import Image
 from schemathesis.config import SchemathesisConfig
@@ -91,7 +93,8 @@ def contract_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
     thread.start()
     host_name, port = sock.getsockname()
-    running = Server(f"http://{host_name}:{port}", app, None, server, thread, scheduler=host)  # type: ignore[arg-type]
+    running = Server(f"http://{host_name}:{port}", app, None, server, thread,  # type: ignore[arg-type]
+                     scheduler=host)
     try:
         _wait_ready(running, thread)
         yield running, key
@@ -193,7 +196,8 @@ def test_every_answer_is_the_one_the_schema_documents(contract_schema: Any) -> N
                         problems.setdefault((event.recorder.label, failure.title),
                                             f"{failure.message}\n{check.failure_info.code_sample}")
         elif isinstance(event, (events.NonFatalError, events.FatalError)):
-            problems.setdefault((getattr(event, "label", "engine"), type(event.value).__name__), str(event.value))
+            label = getattr(event, "label", "engine")
+            problems.setdefault((label, type(event.value).__name__), str(event.value))
     report = "\n\n".join(f"{label}: {title}\n{detail}" for (label, title), detail in problems.items())
     assert not problems, f"{len(problems)} contract failures in {cases} cases:\n{report}"
     assert cases > 100  # it did run

@@ -21,7 +21,9 @@ def test_open_by_default(server) -> None:  # type: ignore[no-untyped-def]
 
 
 @sqlite_only
-def test_a_token_guards_metrics_and_an_api_key_is_no_substitute(start_server, settings, make_user) -> None:  # type: ignore[no-untyped-def]
+def test_a_token_guards_metrics_and_an_api_key_is_no_substitute(  # type: ignore[no-untyped-def]
+    start_server, settings, make_user,
+) -> None:
     server = start_server(settings.model_copy(update={"metrics_token": SecretStr(TOKEN)}))
     ann = make_user(plan="plus")
     url = f"{server.base_url}/metrics"
@@ -35,11 +37,14 @@ def test_a_token_guards_metrics_and_an_api_key_is_no_substitute(start_server, se
     assert scraped.status_code == 200 and "kiln_admission_refusals_total" in scraped.text
     with server.client(ann.key) as http:  # the API itself is as before
         assert http.get("/v1/usage").status_code == 200
-    assert "401" in httpx.get(f"{server.base_url}/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]
+    documented = httpx.get(f"{server.base_url}/openapi.json").json()["paths"]["/metrics"]["get"]
+    assert "401" in documented["responses"]
 
 
 @sqlite_only
-def test_a_bind_address_of_its_own_and_none_on_the_api_port(start_server, settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_bind_address_of_its_own_and_none_on_the_api_port(  # type: ignore[no-untyped-def]
+    start_server, settings,
+) -> None:
     port = free_port()
     server = start_server(settings.model_copy(update={
         "metrics_bind": f"127.0.0.1:{port}", "metrics_token": SecretStr(TOKEN)}))

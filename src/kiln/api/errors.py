@@ -57,8 +57,9 @@ def allowed_methods(request: Request) -> str:
     templates = [path] if path in documented else [t for t in documented if re.fullmatch(_pattern(t), path)]
     if templates:
         return ", ".join(m.upper() for m in documented[templates[0]] if m.upper() in _METHODS)
+    routes = request.app.router.routes
     return ", ".join(method for method in _METHODS if any(
-        route.matches({**request.scope, "method": method})[0] is Match.FULL for route in request.app.router.routes))
+        route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes))
 
 
 def install_error_handlers(app: FastAPI) -> None:

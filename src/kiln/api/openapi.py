@@ -18,6 +18,7 @@ from kiln.service import image_requests as ir
 from kiln.worker.registry import ModelRegistry
 
 _JOB = {"job_id": "$response.body#/id"}
+_FIRST_IMAGE = {"image_id": "$response.body#/data/0/id"}
 _LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, dict[str, Any]]]] = {
     # (path, method, status) → link name → (target path, target method, the link's parameters/body)
     ("/v1/jobs", "post", "202"): {
@@ -29,27 +30,30 @@ _LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, dict[str, Any]]]] =
         "GetJob": ("/v1/jobs/{job_id}", "get", {"parameters": {"job_id": "$response.body#/data/0/id"}}),
     },
     ("/v1/jobs/{job_id}", "get", "200"): {
-        "GetImage": ("/v1/images/{image_id}", "get", {"parameters": {"image_id": "$response.body#/image_ids/0"}}),
+        "GetImage": ("/v1/images/{image_id}", "get",
+                     {"parameters": {"image_id": "$response.body#/image_ids/0"}}),
         "CancelJob": ("/v1/jobs/{job_id}", "delete", {"parameters": _JOB}),
     },
     ("/v1/images/generations", "post", "200"): {
-        "GetImage": ("/v1/images/{image_id}", "get", {"parameters": {"image_id": "$response.body#/data/0/id"}}),
-        "GetImageContent": ("/v1/images/{image_id}/content", "get",
-                            {"parameters": {"image_id": "$response.body#/data/0/id"}}),
+        "GetImage": ("/v1/images/{image_id}", "get", {"parameters": _FIRST_IMAGE}),
+        "GetImageContent": ("/v1/images/{image_id}/content", "get", {"parameters": _FIRST_IMAGE}),
         "GetJob": ("/v1/jobs/{job_id}", "get", {"parameters": _JOB}),
     },
     ("/v1/images/edits", "post", "200"): {
-        "GetImage": ("/v1/images/{image_id}", "get", {"parameters": {"image_id": "$response.body#/data/0/id"}}),
+        "GetImage": ("/v1/images/{image_id}", "get", {"parameters": _FIRST_IMAGE}),
         "GetJob": ("/v1/jobs/{job_id}", "get", {"parameters": _JOB}),
     },
     ("/v1/images/{image_id}", "get", "200"): {
-        "GetImageContent": ("/v1/images/{image_id}/content", "get", {"parameters": {"image_id": "$response.body#/id"}}),
+        "GetImageContent": ("/v1/images/{image_id}/content", "get",
+                            {"parameters": {"image_id": "$response.body#/id"}}),
         "GetJob": ("/v1/jobs/{job_id}", "get", {"parameters": {"job_id": "$response.body#/job_id"}}),
         # An edit of the image as a job; the rest of the body is the client's.
-        "EditImage": ("/v1/jobs", "post", {"requestBody": {"prompt": "an edit", "image_id": "$response.body#/id"}}),
+        "EditImage": ("/v1/jobs", "post",
+                      {"requestBody": {"prompt": "an edit", "image_id": "$response.body#/id"}}),
     },
 }
 _IMAGE_BODIES = ("GenerationRequest", "EditRequest", "JobRequest")
+_REF = "#/components/schemas/{model}"
 
 
 def install_openapi(app: FastAPI, registry: ModelRegistry) -> None:
@@ -68,7 +72,7 @@ def describe(spec: dict[str, Any], registry: ModelRegistry) -> dict[str, Any]:
     spec = copy.deepcopy(spec)
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     for model in (ErrorDetail, ErrorResponse):
-        schemas.setdefault(model.__name__, model.model_json_schema(ref_template="#/components/schemas/{model}"))
+        schemas.setdefault(model.__name__, model.model_json_schema(ref_template=_REF))
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     for path, methods in spec.get("paths", {}).items():

@@ -19,8 +19,10 @@ OBJECT_ID = r"^[A-Za-z0-9_-]+$"
 """The shape of every Kiln id and key (`job_…`, `img_…`, `kiln-…`): anything else is a 400, not a lookup."""
 
 
-JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=OBJECT_ID, description="A job's id, `job_…`.")]
-ImageId = Annotated[str, Path(min_length=1, max_length=64, pattern=OBJECT_ID, description="An image's id, `img_…`.")]
+JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=OBJECT_ID,
+                            description="A job's id, `job_…`.")]
+ImageId = Annotated[str, Path(min_length=1, max_length=64, pattern=OBJECT_ID,
+                              description="An image's id, `img_…`.")]
 KeyPrefix = Annotated[str, Path(min_length=8, max_length=255, pattern=OBJECT_ID,
                                 description="At least 8 characters of the key: its prefix, or all of it.")]
 
@@ -36,7 +38,8 @@ class LoraChoice(BaseModel):
 
 
 _TRANSPARENT_JPEG = {"required": ["background", "output_format"],
-                     "properties": {"background": {"const": "transparent"}, "output_format": {"const": "jpeg"}}}
+                     "properties": {"background": {"const": "transparent"},
+                                    "output_format": {"const": "jpeg"}}}
 
 
 class _ImageOptions(BaseModel):

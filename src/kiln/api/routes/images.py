@@ -137,8 +137,8 @@ async def _abandon(state: AppState, job_id: str) -> None:
 
 
 def _failure(status: str, code: str | None) -> KilnError:
-    """A job that did not succeed: cancelled (by its owner, or an earlier request with this
-    Idempotency-Key whose client went away) is the request's conflict, a failure the server's."""
+    """Why a job did not succeed: cancelled (by its owner, or it is an earlier request's with this
+    Idempotency-Key whose client went away) is a 409, not the server's failure; failed is a 500."""
     if status == "cancelled":
         return JobCancelled("The image generation was cancelled; your quota was refunded.")
     return GenerationFailed(f"The image generation failed ({code or status}); your quota was refunded.")
