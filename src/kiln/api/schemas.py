@@ -1,6 +1,7 @@
 """Request and response bodies of the Images API, shaped as OpenAI's; unknown fields are refused, and
-JSON values are taken as their own type only (`false` is no number, `"2"` no integer): a multipart
-edit's fields, which are all text, are read leniently instead (`EditRequest.from_form`)."""
+JSON numbers and booleans are taken as their own type only (`false` is no number, `"2"` no integer;
+the fields say `strict=True`): a multipart edit's fields, which are all text, are read leniently
+instead (`EditRequest.from_form`)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ KeyPrefix = Annotated[str, Path(min_length=8, max_length=255, pattern=OBJECT_ID,
 class LoraChoice(BaseModel):
     """One LoRA adapter the operator registered for the model, and how strongly to apply it."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=64)
-    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, strict=True)
     """Multiplies the adapter's weights: 0 is the base model, 1 the adapter as trained."""
 
 
@@ -44,13 +45,13 @@ _TRANSPARENT_JPEG = {"required": ["background", "output_format"],
 
 class _ImageOptions(BaseModel):
     # A transparent JPEG is refused (400, `background`) when the request is turned into a job.
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"not": _TRANSPARENT_JPEG})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"not": _TRANSPARENT_JPEG})
 
     prompt: str = Field(min_length=1, max_length=32000, pattern=NO_NUL)
     """What to draw."""
     model: str | None = None
     """A loaded model's name or an alias (gpt-image-1, dall-e-3, dall-e-2 → the default model)."""
-    n: int | None = Field(1, ge=1, le=10)
+    n: int | None = Field(1, ge=1, le=10, strict=True)
     """Images to generate; your plan's max_n caps it."""
     size: str | None = "auto"
     """1024x1024, 1536x1024, 1024x1536, 256x256, 512x512, the model's native square, the extra sizes its
@@ -58,21 +59,21 @@ class _ImageOptions(BaseModel):
     quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = "auto"
     """Denoising steps as a share of the model's default: low ¼, medium ½, high/auto all of them."""
     output_format: Literal["png", "jpeg", "webp"] | None = "png"
-    output_compression: int | None = Field(None, ge=0, le=100)
+    output_compression: int | None = Field(None, ge=0, le=100, strict=True)
     """JPEG/WebP quality, 0–100 (ignored for PNG)."""
     response_format: Literal["b64_json", "url"] | None = "b64_json"
     user: str | None = Field(None, max_length=256, pattern=NO_NUL)
     """An end-user id of yours, stored with the job."""
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True)
     """Kiln's extra: images i of n use seed + i, so a request can be repeated exactly."""
     background: Literal["transparent", "opaque", "auto"] | None = None
     """Accepted as OpenAI does; Kiln's models draw opaque images."""
     moderation: Literal["low", "auto"] | None = None
     """Accepted as OpenAI does; Kiln's blocklist applies either way."""
-    stream: bool | None = None
+    stream: bool | None = Field(None, strict=True)
     """Answer as server-sent events in OpenAI's shape: `image_generation.partial_image` previews
     (`image_edit.*` for edits), then one `…completed` per image once it is stored."""
-    partial_images: int | None = Field(None, ge=0, le=3)
+    partial_images: int | None = Field(None, ge=0, le=3, strict=True)
     """With `stream`: how many previews to send while the image is drawn (0–3)."""
     safety_identifier: str | None = Field(None, max_length=256, pattern=NO_NUL)
     loras: list[LoraChoice] | None = Field(None, max_length=MAX_LORAS)
@@ -82,7 +83,7 @@ class _ImageOptions(BaseModel):
     @field_validator("n", "output_compression", "seed", "partial_images", mode="before")
     @classmethod
     def _integral(cls, value: Any) -> Any:
-        """An integer as JSON Schema has it: 2 or 2.0 (which pydantic's strict int refuses), never
+        """An integer as JSON Schema has it: 2 or 2.0 (which a strict int refuses), never
         `true` or "2" (which its lax int takes), except in a form, read leniently."""
         return int(value) if isinstance(value, float) and value.is_integer() else value
 
@@ -108,7 +109,7 @@ class EditRequest(_ImageOptions):
     """POST /v1/images/edits (multipart): these fields plus `image` (or `image[]`) and `mask` files."""
 
     input_fidelity: Literal["high", "low"] | None = None
-    strength: float | None = Field(None, gt=0.0, le=1.0)
+    strength: float | None = Field(None, gt=0.0, le=1.0, strict=True)
     """Kiln's extra: how far an unmasked edit may move from the input image (default 0.75)."""
 
     @classmethod
@@ -122,7 +123,7 @@ class JobRequest(GenerationRequest):
 
     image_id: str | None = Field(None, max_length=64, pattern=OBJECT_ID)
     """Kiln's extra: edit this image of yours (img2img) instead of drawing from nothing."""
-    strength: float | None = Field(None, gt=0.0, le=1.0)
+    strength: float | None = Field(None, gt=0.0, le=1.0, strict=True)
     """With `image_id`: how far the edit may move from the image (default 0.75)."""
 
 
