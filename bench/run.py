@@ -1,6 +1,6 @@
 """`make bench`: run every scenario and write bench/results/<date>/report.md with tables and plots.
 
-Usage: python -m bench.run [--quick] [--only ceiling,saturation,...,flood,cluster,thermal] [--model PATH]
+Usage: python -m bench.run [--quick] [--only ceiling,saturation,...,flood,cluster,thermal,soak] [--model PATH]
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import traceback
 from pathlib import Path
 
 from bench.harness import EMBEDDED, REPO, Context, Section, machine
-from bench.scenarios import ceiling, cluster, flood, gateway, isolation, peer, scheduler_sim, served, thermal
+from bench.scenarios import ceiling, cluster, flood, gateway, isolation, peer, scheduler_sim, served, soak, thermal
 
 ORDER = ("ceiling", "saturation", "batching", "isolation", "gateway", "flood", "peer", "cluster", "cluster-sim",
-         "thermal")
+         "thermal", "soak")
 # Scenarios that size their load from saturation (which needs ceiling); flood and gateway need neither.
 NEEDS_SATURATION = {"saturation", "batching", "isolation", "peer"}
 # The report's sections: flood writes two.
@@ -83,6 +83,8 @@ def main() -> None:
         attempt("cluster-sim", scheduler_sim.run)
     if "thermal" in wanted:
         attempt("thermal", thermal.run)
+    if "soak" in wanted:
+        attempt("soak", soak.run)
 
     earlier = [n for n in SECTIONS if n in ctx.results and n not in fresh]
     kept = f"; kept from an earlier run in this folder: {', '.join(earlier)}" if earlier else ""

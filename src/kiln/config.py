@@ -361,6 +361,15 @@ class Settings(BaseSettings):
     job_events_maxlen: int = Field(1000, ge=10, le=100_000)
     """Most events one job's stream keeps (consecutive progress events are kept as one already)."""
 
+    # /metrics behind an operator token or on a bind address of its own (issue 13, the contract)
+    metrics_token: SecretStr | None = None
+    """Bearer token that `GET /metrics` asks for (401 without it, on whichever address serves it); None
+    leaves /metrics open, as Prometheus exporters usually are: set it, or `metrics_bind`, wherever the
+    API's port is reachable by people who should not read the queue depths and refusal counts."""
+    metrics_bind: str | None = Field(None, pattern=r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
+    """`host:port` of a second listener that serves only /metrics (e.g. `10.0.0.5:9464` for a private
+    network); when set, the API's own port answers 404 for /metrics. None: /metrics is on the API's port."""
+
     @field_validator("models")
     @classmethod
     def _at_least_one_model(cls, value: dict[str, ModelSpec]) -> dict[str, ModelSpec]:

@@ -8,6 +8,7 @@
     ├── NotFound              404  not_found (also for objects that are someone else's)
     │   └── ModelNotFound     404  model_not_found
     ├── ImageGone             410  image_gone (its record is there, the image store lost the file)
+    ├── JobCancelled          409  job_cancelled (the job a request waited on was cancelled)
     ├── PayloadTooLarge       413  payload_too_large
     ├── QuotaExceeded         429  quota_exceeded, Retry-After = seconds to the quota reset
     ├── RateLimited           429  rate_limit_exceeded (plan's concurrency cap)
@@ -68,6 +69,12 @@ class ImageGone(KilnError):
     status_code = 410
     error_type = "invalid_request_error"
     code = "image_gone"
+
+
+class JobCancelled(KilnError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "job_cancelled"
 
 
 class PayloadTooLarge(KilnError):

@@ -10,6 +10,8 @@ from fastapi import FastAPI
 from kiln import __version__
 from kiln.api.body_limit import BodySizeLimit
 from kiln.api.errors import install_error_handlers
+from kiln.api.metrics_listener import MetricsListener
+from kiln.api.openapi import install_openapi
 from kiln.api.refusal_gate import RefusalGate
 from kiln.api.routes import health, images, jobs, keys, metrics, models, usage, webhooks
 from kiln.api.state import AppState
@@ -30,16 +32,25 @@ def create_api_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await state.start()
+        listener = None
         try:
+            if settings.metrics_bind:
+                listener = MetricsListener(state, settings.metrics_bind)
+                await listener.start()
+            app.state.metrics_listener = listener  # tests read its address
             yield
         finally:
+            if listener is not None:
+                await listener.stop()
             await state.stop()
 
     app = FastAPI(title="Kiln", version=__version__, lifespan=lifespan)
     app.state.kiln = state
     install_error_handlers(app)
+    install_openapi(app, state.registry)
     app.include_router(health.router)
-    app.include_router(metrics.router)
+    if not settings.metrics_bind:  # else /metrics is only on its own listener: 404 here
+        app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(images.router)
     app.include_router(usage.router)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from kiln.errors import KilnError, RetryLater
 
@@ -36,6 +38,30 @@ def _param_of(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _pattern(template: str) -> str:
+    """/v1/jobs/{job_id} → a regex matching its paths (a parameter is one path segment)."""
+    parts = re.split(r"(\{[^/}]+\})", template)
+    return "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts)
+
+
+def allowed_methods(request: Request) -> str:
+    """The methods served at this path. Starlette's 405 names only the first matching route's, and
+    FastAPI makes a route per method (GET and POST /v1/jobs are two). The documented paths answer
+    first, a fixed one before a template (/v1/images/generations, not /v1/images/{image_id}); the
+    web UI's undocumented ones by what their routes match."""
+    path = request.url.path
+    documented = request.app.openapi().get("paths", {})
+    templates = [path] if path in documented else [t for t in documented if re.fullmatch(_pattern(t), path)]
+    if templates:
+        return ", ".join(m.upper() for m in documented[templates[0]] if m.upper() in _METHODS)
+    routes = request.app.router.routes
+    return ", ".join(method for method in _METHODS if any(
+        route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(KilnError)
     async def _kiln(_: Request, exc: KilnError) -> JSONResponse:
@@ -53,14 +79,17 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 204:
             return Response(status_code=204)
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code)
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request) or headers.get("Allow", "")
         return JSONResponse(
             error_body(str(exc.detail), "invalid_request_error", code),
             status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )
 
     @app.exception_handler(Exception)

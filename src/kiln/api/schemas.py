@@ -1,13 +1,31 @@
-"""Request and response bodies of the Images API, shaped as OpenAI's; unknown fields are refused."""
+"""Request and response bodies of the Images API, shaped as OpenAI's; unknown fields are refused, and
+JSON numbers and booleans are taken as their own type only (`false` is no number, `"2"` no integer;
+the fields say `strict=True`): a multipart edit's fields, which are all text, are read leniently
+instead (`EditRequest.from_form`)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kiln.service.image_requests import MAX_LORA_SCALE, MAX_LORAS, MAX_SEED
+
+
+NO_NUL = r"^[^\x00]*$"
+"""Text that can be stored: PostgreSQL's text and JSON refuse the NUL character."""
+OBJECT_ID = r"^[A-Za-z0-9_-]+$"
+"""The shape of every Kiln id and key (`job_…`, `img_…`, `kiln-…`): anything else is a 400, not a lookup."""
+
+
+JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=OBJECT_ID,
+                            description="A job's id, `job_…`.")]
+ImageId = Annotated[str, Path(min_length=1, max_length=64, pattern=OBJECT_ID,
+                              description="An image's id, `img_…`.")]
+KeyPrefix = Annotated[str, Path(min_length=8, max_length=255, pattern=OBJECT_ID,
+                                description="At least 8 characters of the key: its prefix, or all of it.")]
 
 
 class LoraChoice(BaseModel):
@@ -16,18 +34,24 @@ class LoraChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=64)
-    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, strict=True)
     """Multiplies the adapter's weights: 0 is the base model, 1 the adapter as trained."""
 
 
-class _ImageOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_TRANSPARENT_JPEG = {"required": ["background", "output_format"],
+                     "properties": {"background": {"const": "transparent"},
+                                    "output_format": {"const": "jpeg"}}}
 
-    prompt: str = Field(min_length=1, max_length=32000)
+
+class _ImageOptions(BaseModel):
+    # A transparent JPEG is refused (400, `background`) when the request is turned into a job.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"not": _TRANSPARENT_JPEG})
+
+    prompt: str = Field(min_length=1, max_length=32000, pattern=NO_NUL)
     """What to draw."""
     model: str | None = None
     """A loaded model's name or an alias (gpt-image-1, dall-e-3, dall-e-2 → the default model)."""
-    n: int | None = Field(1, ge=1, le=10)
+    n: int | None = Field(1, ge=1, le=10, strict=True)
     """Images to generate; your plan's max_n caps it."""
     size: str | None = "auto"
     """1024x1024, 1536x1024, 1024x1536, 256x256, 512x512, the model's native square, the extra sizes its
@@ -35,26 +59,33 @@ class _ImageOptions(BaseModel):
     quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = "auto"
     """Denoising steps as a share of the model's default: low ¼, medium ½, high/auto all of them."""
     output_format: Literal["png", "jpeg", "webp"] | None = "png"
-    output_compression: int | None = Field(None, ge=0, le=100)
+    output_compression: int | None = Field(None, ge=0, le=100, strict=True)
     """JPEG/WebP quality, 0–100 (ignored for PNG)."""
     response_format: Literal["b64_json", "url"] | None = "b64_json"
-    user: str | None = Field(None, max_length=256)
+    user: str | None = Field(None, max_length=256, pattern=NO_NUL)
     """An end-user id of yours, stored with the job."""
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True)
     """Kiln's extra: images i of n use seed + i, so a request can be repeated exactly."""
     background: Literal["transparent", "opaque", "auto"] | None = None
     """Accepted as OpenAI does; Kiln's models draw opaque images."""
     moderation: Literal["low", "auto"] | None = None
     """Accepted as OpenAI does; Kiln's blocklist applies either way."""
-    stream: bool | None = None
+    stream: bool | None = Field(None, strict=True)
     """Answer as server-sent events in OpenAI's shape: `image_generation.partial_image` previews
     (`image_edit.*` for edits), then one `…completed` per image once it is stored."""
-    partial_images: int | None = Field(None, ge=0, le=3)
+    partial_images: int | None = Field(None, ge=0, le=3, strict=True)
     """With `stream`: how many previews to send while the image is drawn (0–3)."""
-    safety_identifier: str | None = Field(None, max_length=256)
+    safety_identifier: str | None = Field(None, max_length=256, pattern=NO_NUL)
     loras: list[LoraChoice] | None = Field(None, max_length=MAX_LORAS)
     """Kiln's extra: LoRA adapters of the model to apply, e.g. `[{"name": "watercolor", "scale": 0.8}]`
     (in a multipart edit, the same list as a JSON string). Unknown names are refused (400)."""
+
+    @field_validator("n", "output_compression", "seed", "partial_images", mode="before")
+    @classmethod
+    def _integral(cls, value: Any) -> Any:
+        """An integer as JSON Schema has it: 2 or 2.0 (which a strict int refuses), never
+        `true` or "2" (which its lax int takes), except in a form, read leniently."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
     @field_validator("loras", mode="before")
     @classmethod
@@ -78,8 +109,13 @@ class EditRequest(_ImageOptions):
     """POST /v1/images/edits (multipart): these fields plus `image` (or `image[]`) and `mask` files."""
 
     input_fidelity: Literal["high", "low"] | None = None
-    strength: float | None = Field(None, gt=0.0, le=1.0)
+    strength: float | None = Field(None, gt=0.0, le=1.0, strict=True)
     """Kiln's extra: how far an unmasked edit may move from the input image (default 0.75)."""
+
+    @classmethod
+    def from_form(cls, fields: dict[str, str]) -> EditRequest:
+        """The edit's text fields: numbers and booleans arrive as text in a form, so read leniently."""
+        return cls.model_validate(fields, strict=False)
 
 
 WebhookEvent = Literal["started", "progress", "completed", "failed", "cancelled"]
@@ -98,9 +134,9 @@ class WebhookOptions(BaseModel):
 class JobRequest(GenerationRequest, WebhookOptions):
     """POST /v1/jobs (JSON): a generation, or with `image_id` an edit of one of your own images."""
 
-    image_id: str | None = Field(None, max_length=64)
+    image_id: str | None = Field(None, max_length=64, pattern=OBJECT_ID)
     """Kiln's extra: edit this image of yours (img2img) instead of drawing from nothing."""
-    strength: float | None = Field(None, gt=0.0, le=1.0)
+    strength: float | None = Field(None, gt=0.0, le=1.0, strict=True)
     """With `image_id`: how far the edit may move from the image (default 0.75)."""
     # Follow-ups (prompt composer)
     compose_prompt: bool | None = None
@@ -268,4 +304,36 @@ class KeyInfoResponse(BaseModel):
     revoked: int | None
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 500, 503)}
+_ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.", "required": True,
+                                "schema": {"type": "integer", "minimum": 1}}}
+_ERROR_DESCRIPTIONS = {
+    400: "Bad input: `param` names the field (`invalid_value`), or `moderation_blocked`.",
+    401: "No API key, an unknown one or a revoked one (`invalid_api_key`).",
+    404: "No such object, or not yours (never 403), or `model_not_found`.",
+    410: "`image_gone`: the image is yours but the image store no longer has its file.",
+    413: "The request body is larger than the server accepts (`payload_too_large`).",
+    409: "`job_cancelled`: the job this request waited on was cancelled (by you, or an earlier request "
+         "with this Idempotency-Key whose client went away); its charge was refunded.",
+    422: "`idempotency_key_reused`: this Idempotency-Key came before with another body.",
+    429: "`quota_exceeded` (today's images are used up; Retry-After: seconds to the reset) or "
+         "`rate_limit_exceeded` (the plan's concurrent jobs are running).",
+    500: "`generation_failed`: the pipeline failed on this request; its charge was refunded.",
+    503: "`server_is_overloaded`: the queue is over its wait target; Retry-After from the real queue.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses for these statuses, all with the OpenAI-shaped error body (always JSON, whatever
+    the operation's own media type) and, for 429 and 503, the Retry-After header."""
+    return {code: {"description": _ERROR_DESCRIPTIONS[code], "content": _ERROR_CONTENT,
+                   **({"headers": _RETRY_AFTER} if code in (429, 503) else {})} for code in codes}
+
+
+ERRORS = error_responses(400, 401, 404, 429, 503)
+"""What every authenticated operation may answer (the refusal gate answers 401, 429 and 503 from memory
+before routing). Validation errors are 400s, never FastAPI's 422."""
+SUBMIT_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 503)
+"""What an operation that admits a job may answer besides: a body too large, an Idempotency-Key reused."""
+IMAGE_ERRORS = error_responses(400, 401, 404, 409, 413, 422, 429, 500, 503)
+"""The Images API's, which waits for the job: also 409 when it was cancelled, 500 when the pipeline failed."""

@@ -22,9 +22,11 @@ from starlette.datastructures import UploadFile
 
 from kiln.api.deps import CurrentAccount, State
 from kiln.api.headers import degraded_header
-from kiln.api.schemas import ERRORS, EditRequest, ErrorResponse, GenerationRequest, ImageInfo, ImagesResponse
+from kiln.api.schemas import (
+    IMAGE_ERRORS, EditRequest, GenerationRequest, ImageId, ImageInfo, ImagesResponse, error_responses,
+)
 from kiln.api.state import AppState
-from kiln.errors import GenerationFailed, InvalidRequest, Overloaded
+from kiln.errors import GenerationFailed, InvalidRequest, JobCancelled, KilnError, Overloaded
 from kiln.service import content_credentials, jobs, provenance
 from kiln.service import image_requests as ir
 from kiln.service.accounts import Account
@@ -35,7 +37,8 @@ router = APIRouter(prefix="/v1", tags=["images"])
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
 SYNC_WAIT_S = 600.0
 _MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-_IMAGE_ERRORS = {**ERRORS, 410: {"model": ErrorResponse, "description": "The image store lost the file."}}
+_STORED_IMAGE_ERRORS = error_responses(400, 401, 404, 410, 429, 503)
+"""A stored image's routes: also 410 `image_gone` when the image store lost its file."""
 
 
 def _spec(state: AppState, body: GenerationRequest | EditRequest, kind: str, task: str) -> jobs.JobSpec:
@@ -135,9 +138,12 @@ async def _abandon(state: AppState, job_id: str) -> None:
     await state.runner.cancel(job_id)
 
 
-def _failure(status: str, code: str | None) -> GenerationFailed:
-    reason = "was cancelled" if status == "cancelled" else "failed"
-    return GenerationFailed(f"The image generation {reason} ({code or status}); your quota was refunded.")
+def _failure(status: str, code: str | None) -> KilnError:
+    """Why a job did not succeed: cancelled (by its owner, or it is an earlier request's with this
+    Idempotency-Key whose client went away) is a 409, not the server's failure; failed is a 500."""
+    if status == "cancelled":
+        return JobCancelled("The image generation was cancelled; your quota was refunded.")
+    return GenerationFailed(f"The image generation failed ({code or status}); your quota was refunded.")
 
 
 async def _result(
@@ -216,7 +222,7 @@ _STREAM = {200: {"content": {"text/event-stream": {}},
 
 
 @router.post("/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-             responses={**_STREAM, **ERRORS})
+             responses={**_STREAM, **IMAGE_ERRORS})
 async def create_image(
     body: GenerationRequest,
     request: Request,
@@ -232,16 +238,31 @@ async def create_image(
 
 
 def _edit_schema() -> dict[str, Any]:
-    schema = EditRequest.model_json_schema()
+    """The multipart body as the route reads it: files, then EditRequest's fields as form fields, which
+    are present or absent, never null; `loras` travels as a JSON string."""
+    schema = EditRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)  # LoraChoice is among the components already (GenerationRequest's)
     binary = {"type": "string", "format": "binary"}
+    fields = {name: _not_null(prop) for name, prop in schema["properties"].items()}
     schema["properties"] = {
-        "image": {"anyOf": [binary, {"type": "array", "items": binary}],
-                  "description": "PNG, JPEG or WEBP; the first image is edited."},
+        "image": {"type": "array", "items": binary, "minItems": 1, "maxItems": 16,
+                  "description": "PNG, JPEG or WEBP files (one part each, `image` or `image[]`); the "
+                                 "first one is edited."},
         "mask": {**binary, "description": "PNG the size of the image; transparent = edit here."},
-        **schema["properties"],
+        **fields,
     }
     schema["required"] = ["image", *schema.get("required", [])]
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+    content = {"schema": schema, "encoding": {"loras": {"contentType": "application/json"}}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": content}}}
+
+
+def _not_null(prop: dict[str, Any]) -> dict[str, Any]:
+    """A form field's schema without pydantic's `null` branch (a form cannot send a null)."""
+    branches = [b for b in prop.get("anyOf", ()) if b.get("type") != "null"]
+    if "anyOf" not in prop or not branches:
+        return prop
+    rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+    return {**rest, **branches[0]} if len(branches) == 1 else {**rest, "anyOf": branches}
 
 
 async def _read_form(request: Request) -> tuple[dict[str, str], dict[str, list[bytes]]]:
@@ -257,7 +278,7 @@ async def _read_form(request: Request) -> tuple[dict[str, str], dict[str, list[b
 
 
 @router.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
-             responses={**_STREAM, **ERRORS}, openapi_extra=_edit_schema())
+             responses={**_STREAM, **IMAGE_ERRORS}, openapi_extra=_edit_schema())
 async def edit_image(
     request: Request,
     response: Response,
@@ -271,7 +292,7 @@ async def edit_image(
         raise InvalidRequest("Send the edit as multipart/form-data with an 'image' file.", param="image")
     fields, files = await _read_form(request)
     try:
-        body = EditRequest.model_validate(fields)
+        body = EditRequest.from_form(fields)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
     unknown = set(files) - {"image", "mask"}
@@ -292,8 +313,8 @@ async def edit_image(
     )
 
 
-@router.get("/images/{image_id}", response_model=ImageInfo, responses=_IMAGE_ERRORS)
-async def get_image(image_id: str, request: Request, state: State, account: CurrentAccount) -> ImageInfo:
+@router.get("/images/{image_id}", response_model=ImageInfo, responses=_STORED_IMAGE_ERRORS)
+async def get_image(image_id: ImageId, request: Request, state: State, account: CurrentAccount) -> ImageInfo:
     """An image's metadata and the provenance read back from the file itself (owner only)."""
     image = await asyncio.to_thread(jobs.get_image, state.db, image_id, account.user_id)
     job = await asyncio.to_thread(jobs.get_job, state.db, image.job_id, account.user_id)
@@ -311,8 +332,8 @@ async def get_image(image_id: str, request: Request, state: State, account: Curr
 @router.get("/images/{image_id}/content", response_class=FileResponse, responses={
     200: {"content": {m: {} for m in _MEDIA.values()}, "description": "The image file."},
     307: {"description": "A presigned URL of the image file (when `image_redirect_s` is set)."},
-    **_IMAGE_ERRORS})
-async def get_image_content(image_id: str, state: State, account: CurrentAccount) -> Response:
+    **_STORED_IMAGE_ERRORS})
+async def get_image_content(image_id: ImageId, state: State, account: CurrentAccount) -> Response:
     """The stored image file (what `response_format=url` points at; needs the owner's key), from
     whichever store holds it: a local file, a stream from the bucket, or (`image_redirect_s`) a
     redirect to a presigned URL. A file the store lost is 410 `image_gone`."""

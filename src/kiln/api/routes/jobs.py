@@ -14,7 +14,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from kiln.api.deps import CurrentAccount, State
 from kiln.api.headers import degraded_header
 from kiln.api.routes.images import _spec
-from kiln.api.schemas import ERRORS, JobInfo, JobList, JobRequest
+from kiln.api.schemas import ERRORS, SUBMIT_ERRORS, JobId, JobInfo, JobList, JobRequest
 from kiln.api.state import AppState
 from kiln.service import image_requests as ir
 from kiln.errors import InvalidRequest
@@ -49,8 +49,7 @@ def _webhook_params(state: AppState, body: JobRequest) -> dict | None:
     return webhooks_outbox.subscription_params(url, body.webhook_events)
 
 
-@router.post("/jobs", response_model=JobInfo, response_model_exclude_none=True, status_code=202,
-             responses=ERRORS)
+@router.post("/jobs", response_model=JobInfo, status_code=202, responses=SUBMIT_ERRORS)
 async def submit_job(
     body: JobRequest,
     response: Response,
@@ -106,14 +105,14 @@ async def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)
-async def get_job(job_id: str, state: State, account: CurrentAccount) -> JobInfo:
+async def get_job(job_id: JobId, state: State, account: CurrentAccount) -> JobInfo:
     view = await asyncio.to_thread(jobs.get_job, state.db, job_id, account.user_id)
     place = None if view.terminal else await state.runner.position_anywhere(view.id)  # from any replica
     return job_info(view, state, place=place)
 
 
 @router.delete("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)
-async def cancel_job(job_id: str, state: State, account: CurrentAccount) -> JobInfo:
+async def cancel_job(job_id: JobId, state: State, account: CurrentAccount) -> JobInfo:
     """Cancel a queued (it never runs) or running job (it stops at the next step); refunded once."""
     view = await asyncio.to_thread(jobs.cancel_job, state.db, job_id, account.user_id)
     state.refusals.ended(view.user_id, view.id, view.charge_state, view.charge_units)
@@ -122,7 +121,7 @@ async def cancel_job(job_id: str, state: State, account: CurrentAccount) -> JobI
 
 
 async def _resume_after(
-    job_id: str,
+    job_id: JobId,
     state: State,
     account: CurrentAccount,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
@@ -140,7 +139,7 @@ async def _resume_after(
     200: {"content": {"text/event-stream": {}}, "description": "The job's events as they happen."},
     204: {"description": "The job is finished and the client has seen its last event."}, **ERRORS})
 async def job_events(
-    job_id: str, state: State, after: Annotated[int, Depends(_resume_after)]
+    job_id: JobId, state: State, after: Annotated[int, Depends(_resume_after)]
 ) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events: queued, position, started, requeued, progress (with a base64 PNG preview
     now and then), then one of completed (the stored images' ids), failed or cancelled. Each event has

@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter
 
 from kiln.api.deps import CurrentAccount, State
-from kiln.api.schemas import ERRORS, KeyInfoResponse
+from kiln.api.schemas import ERRORS, KeyInfoResponse, KeyPrefix
 from kiln.service import accounts
 
 router = APIRouter(prefix="/v1", tags=["keys"])
@@ -26,9 +26,10 @@ async def list_keys(state: State, account: CurrentAccount) -> list[KeyInfoRespon
 
 
 @router.delete("/keys/{prefix}", response_model=KeyInfoResponse, responses=ERRORS)
-async def revoke_key(prefix: str, state: State, account: CurrentAccount) -> KeyInfoResponse:
-    """Revoke one of your keys by its prefix (the key making this call included); requests with it
-    fail from the next one on here, and within a second on every other API process."""
+async def revoke_key(prefix: KeyPrefix, state: State, account: CurrentAccount) -> KeyInfoResponse:
+    """Revoke one of your keys by its prefix (or the whole key). The key making this call may revoke
+    itself: the answer still comes, and requests with it fail from the next one on here, and within a
+    second on every other API process. Revoking a revoked key again answers it as it is."""
     key = await asyncio.to_thread(accounts.revoke_key, state.db, prefix, user_id=account.user_id)
     state.keys.forget_prefix(key.prefix)
     return _info(key)
