@@ -28,6 +28,16 @@ KeyPrefix = Annotated[str, Path(min_length=8, max_length=255, pattern=OBJECT_ID,
                                 description="At least 8 characters of the key: its prefix, or all of it.")]
 
 
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_NAME = rf"(?:{_LABEL}\.)*[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+WEBHOOK_URL_PATTERN = rf"^https?://(?:{_NAME}|{_OCTET}(?:\.{_OCTET}){{3}})(?::{_PORT})?(?:[/?][!-~]*)?$"
+"""An http(s) URL with a host name or IPv4 address, an optional port and path, and no credentials.
+Whether its address may be reached (no private or loopback ones unless the operator allows them) is
+checked when it is submitted and again when each delivery is sent."""
+
 class LoraChoice(BaseModel):
     """One LoRA adapter the operator registered for the model, and how strongly to apply it."""
 
@@ -124,15 +134,24 @@ WebhookEvent = Literal["started", "progress", "completed", "failed", "cancelled"
 class WebhookOptions(BaseModel):
     """Kiln's extra on POST /v1/jobs: signed deliveries of the job's events (Standard Webhooks)."""
 
-    webhook_url: str | None = Field(None, min_length=1, max_length=2048)
+    webhook_url: str | None = Field(None, min_length=1, max_length=2048, pattern=WEBHOOK_URL_PATTERN)
     """An http(s) URL to POST the job's events to, signed with your secret (GET /v1/webhooks/secret)."""
     webhook_events: list[WebhookEvent] | None = Field(None, min_length=1, max_length=5)
     """Which events to send (default: started, completed, failed, cancelled; progress at most every
     500 ms when asked for)."""
 
 
+_EVENTS_NEED_A_URL = {
+    "if": {"required": ["webhook_events"], "properties": {"webhook_events": {"type": "array"}}},
+    "then": {"required": ["webhook_url"], "properties": {"webhook_url": {"type": "string"}}},
+}
+"""`webhook_events` (not null) needs a `webhook_url`: without one it is a 400 naming it."""
+
+
 class JobRequest(GenerationRequest, WebhookOptions):
     """POST /v1/jobs (JSON): a generation, or with `image_id` an edit of one of your own images."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"not": _TRANSPARENT_JPEG, **_EVENTS_NEED_A_URL})
 
     image_id: str | None = Field(None, max_length=64, pattern=OBJECT_ID)
     """Kiln's extra: edit this image of yours (img2img) instead of drawing from nothing."""
