@@ -61,7 +61,7 @@ class Piece:
     restarts: int = 0
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it; closed below
+        log = open(self.log_path, "ab" if self.process is not None else "wb")  # noqa: SIM115 - a run's own log; a restart appends
         try:
             self.process = subprocess.Popen(
                 self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
