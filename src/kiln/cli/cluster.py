@@ -156,7 +156,7 @@ class LocalCluster:
     def __init__(self, plan: ClusterPlan) -> None:
         self.plan = plan
         self.logs = plan.data_dir / "logs"
-        self.ray_dir = Path(tempfile.mkdtemp(prefix="kiln-ray-"))  # short: Ray's socket paths fit 107 bytes
+        self.ray_dir = Path(tempfile.mkdtemp(prefix="kiln-cluster-ray-"))  # short: Ray's socket paths fit 107 bytes
         self.ray_token = secrets.token_hex(16)
         self.ray: Piece | None = None
         self.schedulers: list[Piece] = []
