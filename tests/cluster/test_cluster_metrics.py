@@ -1,6 +1,7 @@
 """Workers and capacity by node in /metrics (the local executor: this host; Ray: each Ray node), the
-RayExecutor's slot gate (the thermal guard's rest between batches), and the thermal guard's plan
-changes announced to the other replicas over Redis."""
+RayExecutor's slot gate (the thermal guard's rest between batches), the thermal guard's plan changes
+announced to the other replicas over Redis, and `kiln cluster` (`make cluster`): clear errors when
+PostgreSQL or Redis are away, its database created, and the whole cluster up, serving and stopped."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import redis
+from conftest import _postgres_schema_url
 from engine_server import engine_settings
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,6 +29,7 @@ from kiln.service.redis_bus import PlansChanged, RedisBus
 from kiln.service.thermal import ThermalGuard
 
 from cluster.test_ray_serving import on_ray
+from cluster.test_replicas import redis_prefix  # noqa: F401 - a Redis prefix of the test's own
 from executor.conftest import batch, collect, fake_model
 
 sqlite_only = pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
@@ -224,3 +228,62 @@ def free_port_number() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _processes_with(marker: bytes) -> list[int]:
+    """Processes whose environment holds `marker` (this test's own Redis prefix)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_kiln_cluster_starts_every_piece_serves_and_stops_leaving_nothing(tmp_path, redis_prefix) -> None:
+    """`kiln cluster` for real (the fake model, one Ray CPU): ready, an image from the second replica,
+    then SIGTERM stops the replicas, both schedulers and the Ray head."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    base = os.environ.get("KILN_TEST_DATABASE_URL")
+    schema_url = _postgres_schema_url(base) if base else None
+    database_url = next(schema_url) if schema_url is not None else f"sqlite:///{tmp_path / 'kiln.db'}"
+    (tmp_path / "model").mkdir()
+    config = tmp_path / "kiln.toml"
+    config.write_text(f'default_model = "fake"\nmodel_aliases = {{}}\n[models.fake]\npath = "{tmp_path / "model"}"\n'
+                      f'loader = "kiln.testing:load_fake_pipeline"\nnative_size = 64\nsteps = 2\n')
+    ports = [free_port_number(), free_port_number()]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kiln", "--config", str(config), "cluster", "--database-url", database_url,
+         "--redis-url", os.environ["KILN_TEST_REDIS_URL"], "--redis-prefix", redis_prefix,
+         "--data-dir", str(tmp_path / "cluster"), "--ray-cpus", "1", "--ready-timeout-s", "120",
+         *[arg for port in ports for arg in ("--api-port", str(port))]],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if "Ctrl-C stops everything" in line or "error:" in line:
+                break
+        output = "".join(lines)
+        assert "Kiln cluster ready" in output, output
+        assert ": active" in output and ": standby" in output
+        key = next(w for line in lines if "demo-enterprise" in line for w in line.split() if w.startswith("kiln-"))
+        with httpx.Client(base_url=f"http://127.0.0.1:{ports[1]}", timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as http:
+            assert http.post("/v1/images/generations", json={"prompt": "a bell"}).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{ports[0]}/readyz", timeout=10).json()["workers"] == 1
+        assert _processes_with(f"KILN_REDIS_PREFIX={redis_prefix}".encode())
+    finally:
+        process.terminate()
+        rest, _ = process.communicate(timeout=90)
+        if schema_url is not None:
+            next(schema_url, None)
+    assert process.returncode == 0 and "nothing of it is running" in rest, rest
+    assert _processes_with(f"KILN_REDIS_PREFIX={redis_prefix}".encode()) == []
