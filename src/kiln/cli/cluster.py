@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -146,10 +147,17 @@ class ClusterPlan:
             KILN_IMAGE_STORE=self.image_store, HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
             PYTHONUNBUFFERED="1",
         )
-        env.setdefault("KILN_TORCH_THREADS", "1")  # one Ray CPU per worker actor
+        if "torch_threads" not in self._config():
+            env.setdefault("KILN_TORCH_THREADS", "1")  # one Ray CPU per worker actor
         if self.config_file is not None:
             env["KILN_CONFIG"] = str(self.config_file)
         return env
+
+    def _config(self) -> dict[str, Any]:
+        if self.config_file is None:
+            return {}
+        with open(self.config_file, "rb") as file:
+            return tomllib.load(file)
 
 
 class LocalCluster:
@@ -310,13 +318,20 @@ def _wait(ready: Any, timeout_s: float, what: str, *pieces: Piece) -> None:
         if STOPPING.is_set():
             raise ClusterError(f"stopped while waiting for {what}")
         for piece in pieces:
-            if piece.process is not None and piece.process.poll() is not None and not piece.restart:
+            if piece.process is not None and piece.process.poll() is not None:
                 raise ClusterError(f"{piece.name} exited (code {piece.process.returncode}) while waiting for "
-                                   f"{what}; its log: {piece.log_path}")
+                                   f"{what}; the end of its log ({piece.log_path}):\n{_tail(piece.log_path)}")
         if time.monotonic() > deadline:
             logs = ", ".join(str(p.log_path) for p in pieces)
             raise ClusterError(f"{what} not ready within {timeout_s:.0f} s; see {logs}")
         time.sleep(0.5)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def _listening(port: int) -> bool:
