@@ -91,10 +91,16 @@ class Piece:
             self.process.wait(5)
 
 
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here: nothing is loaded in a forked child
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
 def _die_with_parent() -> None:
     """Linux: the child gets SIGTERM if `kiln cluster` itself is killed (-9 included)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -355,7 +361,7 @@ def heartbeat_role(events_url: str, timeout_s: float) -> str | None:
 
     from kiln.service.messages import Status, decode_from_scheduler
 
-    context = zmq.Context.instance()
+    context = zmq.Context()  # its own, ended below: no I/O thread outlives the look
     sub = context.socket(zmq.SUB)
     try:
         sub.setsockopt(zmq.LINGER, 0)
@@ -372,6 +378,7 @@ def heartbeat_role(events_url: str, timeout_s: float) -> str | None:
         return None
     finally:
         sub.close()
+        context.term()
 
 
 def ensure_database(url: str) -> None:
