@@ -245,14 +245,18 @@ class LocalCluster:
         roles: dict[str, str] = {}
 
         def schedulers_up() -> bool:
+            """One active with every worker's model loaded (so the first image waits for no load),
+            the others standing by."""
             for piece, url in zip(self.schedulers, events.split(","), strict=True):
-                if piece.name not in roles:
-                    role = heartbeat_role(url, 0.5)
-                    if role is not None:
-                        roles[piece.name] = role
-            return len(roles) == len(self.schedulers) and "active" in roles.values()
+                status = heartbeat(url, 0.5)
+                if status is not None:
+                    loaded = status.role != "active" or 0 < status.workers <= status.stats.get("workers_ready", 0)
+                    roles[piece.name] = status.role if loaded else "loading"
+            return len(roles) == len(self.schedulers) and sorted(roles.values()) == ["active", *["standby"] * (
+                len(self.schedulers) - 1)]
 
-        _wait(schedulers_up, timeout_s, "the schedulers' heartbeats", *self.schedulers)
+        _wait(schedulers_up, timeout_s, "the schedulers' heartbeats (one active with its workers loaded)",
+              *self.schedulers)
         for piece, url in zip(self.apis, self.plan.api_urls(), strict=True):
             _wait(lambda url=url: readyz(url) == 200, timeout_s, f"{url}/readyz", piece, *self.schedulers)
         return roles
@@ -355,8 +359,8 @@ def readyz(base_url: str) -> int | None:
         return None
 
 
-def heartbeat_role(events_url: str, timeout_s: float) -> str | None:
-    """The role ("active", "standby") a scheduler's heartbeat on `events_url` says, or None if none came."""
+def heartbeat(events_url: str, timeout_s: float) -> Any:
+    """The `Status` a scheduler's heartbeat on `events_url` says (its role, its workers), or None."""
     import zmq
 
     from kiln.service.messages import Status, decode_from_scheduler
@@ -374,7 +378,7 @@ def heartbeat_role(events_url: str, timeout_s: float) -> str | None:
             with contextlib.suppress(Exception):
                 message = decode_from_scheduler(sub.recv())
                 if isinstance(message, Status):
-                    return message.role
+                    return message
         return None
     finally:
         sub.close()

@@ -233,6 +233,11 @@ class LocalExecutor:
         with self._lock:
             return [w.gpus_seen for w in self._workers if w.ready and not w.down]
 
+    def ready_slots(self) -> int:
+        """Live workers that have loaded their models (idle or busy)."""
+        with self._lock:
+            return sum(1 for w in self._workers if w.ready and not w.down)
+
     def worker_nodes(self) -> list[str]:
         """The machine of each live worker, in slot order: this host's name for every one."""
         with self._lock:

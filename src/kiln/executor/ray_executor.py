@@ -152,6 +152,11 @@ class RayExecutor:
         with self._lock:
             return sum(1 for slot, a in enumerate(self._live()) if self._open(slot, a))
 
+    def ready_slots(self) -> int:
+        """Live actors that have loaded their models (idle or busy)."""
+        with self._lock:
+            return sum(1 for a in self._live() if a.ready)
+
     def submit(self, batch: ExecBatch) -> None:
         with self._lock:
             actor = next((a for slot, a in enumerate(self._live()) if self._open(slot, a)), None)
