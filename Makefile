@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.kiln-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test migrate bench clean chromium tesseract screenshots
+.PHONY: setup serve test migrate bench clean chromium tesseract screenshots cluster
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ migrate: setup
 
 serve: migrate
 	$(KILN) serve --host 127.0.0.1 --port 8000
+
+# A whole cluster on this machine (Ray head, active + standby scheduler, API replicas on 8000 and 8010,
+# PostgreSQL and Redis on 127.0.0.1); docs/CLUSTER.md. Ctrl-C stops all of it. Options: CLUSTER_ARGS="--api-port 9000 …".
+cluster: migrate
+	$(KILN) cluster $(CLUSTER_ARGS)
 
 # The web UI's tests drive Debian's Chromium through Playwright (never `playwright install`).
 chromium:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from kiln.cli import accounts, audit, generate, plans, serve
+from kiln.cli import accounts, audit, cluster, generate, plans, serve
 from kiln.cli.context import CliState
 from kiln.errors import KilnError
 
@@ -27,6 +27,7 @@ app.add_typer(plans.db_app, name="db")
 app.add_typer(audit.audit_app, name="audit")
 app.command("serve")(serve.serve)
 app.command("generate")(generate.generate)
+app.command("cluster")(cluster.cluster)
 
 
 @app.callback()

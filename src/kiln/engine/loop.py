@@ -172,4 +172,6 @@ def build_local_engine(
     if metrics is not None:
         metrics.watch_model_loads(executor.model_loads)
     core = EngineCore(executor, config or EngineConfig.from_settings(settings), metrics=metrics)
+    if metrics is not None:
+        metrics.watch_nodes(core, executor)
     return AsyncEngine(core), executor

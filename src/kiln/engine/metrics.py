@@ -52,6 +52,8 @@ class EngineMetrics:
         self._plans_seen: set[str] = set()
         self.model_loads = ModelLoadCollector()
         registry.register(self.model_loads)
+        self.nodes = NodeCollector()
+        registry.register(self.nodes)
         self.gpu_collector: NvmlCollector | None = NvmlCollector.create() if gpu else None
         if self.gpu_collector is not None:
             registry.register(self.gpu_collector)
@@ -59,6 +61,11 @@ class EngineMetrics:
     def watch_model_loads(self, source: Callable[[], Iterable[Any]]) -> None:
         """Report the executor's `model_loads()` (load seconds and memory per worker and model)."""
         self.model_loads.source = source
+
+    def watch_nodes(self, core: Any, executor: Any) -> None:
+        """Report workers and capacity per node: `executor.worker_nodes()` (each live worker's node,
+        in slot order), at `core.capacity`'s factors times `core.throughput` (per worker)."""
+        self.nodes.core, self.nodes.executor = core, executor
 
     def refused(self, plan: str, reason: str) -> None:
         if self.admission is not None:
@@ -114,6 +121,42 @@ class ModelLoadCollector(Collector):
             memory.add_metric([load.worker_id, load.model, load.device], float(load.memory_bytes))
         yield seconds
         yield memory
+
+
+class NodeCollector(Collector):
+    """Workers and capacity by node, read at scrape time: `kiln_workers{node}` (live workers),
+    `kiln_capacity_units_per_s{node}` and `kiln_capacity_images_per_s{node}` (each worker at its capacity
+    factor — below 1 while the thermal guard rests it — times the measured per-worker throughput; units
+    are 512×512 image-steps). A node is the host name under the local executor, the Ray node id under
+    Ray (whose first 8 hex digits are in its workers' ids, `ray-<node>-<n>`)."""
+
+    def __init__(self) -> None:
+        self.core: Any = None
+        self.executor: Any = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        workers = GaugeMetricFamily("kiln_workers", "Live workers, by node.", labels=["node"])
+        units = GaugeMetricFamily("kiln_capacity_units_per_s",
+                                  "Work units (512x512 image-steps) per second the node's workers can do, "
+                                  "at their capacity factors.", labels=["node"])
+        images = GaugeMetricFamily("kiln_capacity_images_per_s",
+                                   "Images per second the node's workers can make (measured; 0 until then), "
+                                   "at their capacity factors.", labels=["node"])
+        nodes = getattr(self.executor, "worker_nodes", None)
+        if self.core is not None and nodes is not None:
+            by_node: dict[str, list[float]] = {}
+            for slot, node in enumerate(nodes()):
+                entry = by_node.setdefault(node, [0, 0.0])
+                entry[0] += 1
+                entry[1] += self.core.capacity.factor(slot)
+            throughput = self.core.throughput
+            for node, (count, factors) in sorted(by_node.items()):
+                workers.add_metric([node], count)
+                units.add_metric([node], factors * throughput.units_per_s)
+                images.add_metric([node], factors * throughput.images_per_s)
+        yield workers
+        yield units
+        yield images
 
 
 class NvmlCollector(Collector):

@@ -9,6 +9,7 @@ to re-run is the engine's job, not this module's.
 from __future__ import annotations
 
 import logging
+import socket
 import multiprocessing
 import threading
 import time
@@ -231,6 +232,16 @@ class LocalExecutor:
         """The GPUs the ready workers reported they were given (their CUDA_VISIBLE_DEVICES), by slot."""
         with self._lock:
             return [w.gpus_seen for w in self._workers if w.ready and not w.down]
+
+    def ready_slots(self) -> int:
+        """Live workers that have loaded their models (idle or busy)."""
+        with self._lock:
+            return sum(1 for w in self._workers if w.ready and not w.down)
+
+    def worker_nodes(self) -> list[str]:
+        """The machine of each live worker, in slot order: this host's name for every one."""
+        with self._lock:
+            return [socket.gethostname() for w in self._workers if not w.down]
 
     def model_loads(self) -> list[ModelLoad]:
         """What each live worker loaded: load seconds and memory (read by /metrics at scrape time)."""

@@ -15,11 +15,12 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.executor.base import BatchFailed, ExecBatch, ExecutorOutput, ModelLoad, WorkerLost
+from kiln.executor.base import BatchFailed, ExecBatch, ExecutorOutput, ModelLoad, SlotGate, WorkerLost
 from kiln.executor.messages import BATCH_ENDS, FromWorker, ModelLoaded
 from kiln.executor.ray_worker import MAX_CONCURRENCY, ActorReady, WorkerActor
 from kiln.worker.registry import ModelInfo, ModelRegistry
@@ -46,6 +47,7 @@ class _Actor:
     gone: bool = False
     """Dead for good (its node left, its restarts are spent, or Kiln removed it)."""
     batch: ExecBatch | None = None
+    batch_since: float = 0.0
     pid: int | None = None
     gpus: str | None = None
     loads: dict[str, ModelLoad] = field(default_factory=dict)
@@ -85,6 +87,7 @@ class RayExecutor:
         self._actors: list[_Actor] = []
         self._outputs: list[ExecutorOutput] = []
         self._notify: Callable[[], None] | None = None
+        self._gate: SlotGate | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._monitor_thread: threading.Thread | None = None
@@ -147,15 +150,32 @@ class RayExecutor:
 
     def free_slots(self) -> int:
         with self._lock:
-            return sum(1 for a in self._actors if a.ready and a.batch is None and not a.gone)
+            return sum(1 for slot, a in enumerate(self._live()) if self._open(slot, a))
+
+    def ready_slots(self) -> int:
+        """Live actors that have loaded their models (idle or busy)."""
+        with self._lock:
+            return sum(1 for a in self._live() if a.ready)
 
     def submit(self, batch: ExecBatch) -> None:
         with self._lock:
-            actor = next((a for a in self._actors if a.ready and a.batch is None and not a.gone), None)
+            actor = next((a for slot, a in enumerate(self._live()) if self._open(slot, a)), None)
             if actor is None:
                 raise RuntimeError("no idle worker: check free_slots() before submit()")
-            actor.batch = batch
+            actor.batch, actor.batch_since = batch, time.monotonic()
             actor.assigned.set()
+
+    def set_slot_gate(self, gate: SlotGate | None) -> None:
+        """Ask `gate` before giving a slot a batch, and tell it how long each batch kept its slot. Slot i
+        is the i-th live actor (the order of `worker_nodes()` and `worker_gpus()`)."""
+        self._gate = gate
+
+    def _live(self) -> list[_Actor]:
+        return [a for a in self._actors if not a.gone]
+
+    def _open(self, slot: int, actor: _Actor) -> bool:
+        idle = actor.ready and actor.batch is None and not actor.gone
+        return idle and (self._gate is None or self._gate.may_start(slot))
 
     def cancel(self, batch_id: str) -> None:
         with self._lock:
@@ -379,6 +399,9 @@ class RayExecutor:
         with self._lock:
             if isinstance(message, BATCH_ENDS) and actor.batch is not None and actor.batch.batch_id == message.batch_id:
                 actor.batch = None  # free before the engine sees the output
+                slot = next((i for i, a in enumerate(self._live()) if a is actor), None)
+                if self._gate is not None and slot is not None:
+                    self._gate.ran(slot, time.monotonic() - actor.batch_since)
             self._outputs.append(message)
             self._changed.notify_all()
         self._notify_driver()

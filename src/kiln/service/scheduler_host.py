@@ -101,11 +101,16 @@ class SchedulerHost:
         return Status(
             scheduler_id=self.scheduler.scheduler_id, started_at=self.started_at,
             workers=self.scheduler.workers, sent_at=time.time(), metrics=self._metrics,
-            stats={"queued": len(core.queue),
+            stats={"queued": len(core.queue), "workers_ready": self._ready_workers(),
                    "running_batches": len(core.running), "jobs": self.scheduler.jobs_held(),
                    "images_per_s": round(core.throughput.images_per_s, 3),
                    "thermal": self.thermal.snapshot()},
         )
+
+    def _ready_workers(self) -> int:
+        """Workers with their models loaded (`workers` counts those still loading too)."""
+        ready = getattr(self.executor, "ready_slots", None)
+        return int(ready()) if ready is not None else self.scheduler.workers
 
     # ---- on a thread of its own (tests)
 

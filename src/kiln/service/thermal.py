@@ -228,15 +228,31 @@ class ThermalGuard:
         if wanted:
             engine_changes = self._tighten_engine_caps()
             try:
-                await asyncio.to_thread(thermal_policy.apply, self.db, self.policy, engine_changes)
+                changed = bool(await asyncio.to_thread(thermal_policy.apply, self.db, self.policy, engine_changes))
             except BaseException:
                 self._restore_engine_caps({p: (0, c) for p, c in engine_changes.items()})
                 raise
         else:
             holds = await asyncio.to_thread(thermal_policy.open_holds, self.db)
             results = self._restore_engine_caps(holds)
-            await asyncio.to_thread(thermal_policy.lift, self.db, results)
+            changed = bool(await asyncio.to_thread(thermal_policy.lift, self.db, results))
         self.holding = wanted
+        if changed:
+            await self._announce_plans()
+
+    async def _announce_plans(self) -> None:
+        """Tell every API replica that plans changed (`redis_url`: a `PlansChanged` notice, in force
+        within a second), as `kiln plans set` does; without Redis they read them at their next poll."""
+        if not getattr(self.settings, "redis_url", None):
+            return
+        from kiln.service.redis_bus import PlansChanged, announce_once
+
+        try:
+            await asyncio.to_thread(announce_once, self.settings.redis_url, self.settings.redis_prefix,
+                                    PlansChanged())
+        except Exception:  # noqa: BLE001 - the replicas' poll still brings the change
+            log.warning("thermal guard: announcing the plan change over Redis failed; the replicas "
+                        "read it at their next poll", exc_info=True)
 
     def _tighten_engine_caps(self) -> dict[str, thermal_policy.Changes]:
         caps = self.engine.core.plan_caps

@@ -1,7 +1,7 @@
 """The thermal policy's plan limits: tightened while the fleet is hot, given back once it is cool.
 
 Written to the plans table that `kiln plans set` changes (so every server follows within
-`live_settings_poll_s`), each change with its audit entry in the same transaction. The audit list is
+`live_settings_poll_s`, or within a second of the guard's `PlansChanged` notice with `redis_url`), each change with its audit entry in the same transaction. The audit list is
 also the record of what is held: a plan's latest `thermal.limit` without a later `thermal.lift` is a
 hold, so a scheduler restarted while hot still gives the limits back, and a second guard does not
 take the held (tightened) value for the operator's.
