@@ -11,6 +11,8 @@ Ray cluster, `kiln.executor.ray_executor`) both fit this shape and run a batch t
 
 from __future__ import annotations
 
+import threading
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -96,6 +98,33 @@ class SlotGate(Protocol):
     def ran(self, slot: int, busy_s: float) -> None:
         """A batch on `slot` ended after `busy_s` seconds on it."""
         ...
+
+
+
+class OutputQueue:
+    """What an executor has to say, queued for the engine: `poll` drains it, `wait_outputs` blocks
+    for it, `set_notify` names who to wake. The executor owns `_lock`, the `_changed` condition on it,
+    `_outputs` and `_notify`, and appends to `_outputs` under the lock (notifying `_changed`)."""
+
+    _lock: threading.Lock
+    _changed: threading.Condition
+    _outputs: list[ExecutorOutput]
+    _notify: Callable[[], None] | None
+
+    def poll(self) -> list[ExecutorOutput]:
+        with self._lock:
+            outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def wait_outputs(self, timeout_s: float) -> list[ExecutorOutput]:
+        """Block until there is at least one output (or the timeout), then drain them."""
+        with self._changed:
+            self._changed.wait_for(lambda: bool(self._outputs), timeout_s)
+            outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def set_notify(self, notify: Callable[[], None] | None) -> None:
+        self._notify = notify
 
 
 class Executor(Protocol):

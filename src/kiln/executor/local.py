@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from kiln.executor.base import ExecBatch, ExecutorOutput, ModelLoad, SlotGate, WorkerLost
+from kiln.executor.base import ExecBatch, ExecutorOutput, ModelLoad, OutputQueue, SlotGate, WorkerLost
 from kiln.executor.messages import (
     BATCH_ENDS,
     CancelBatch,
@@ -56,7 +56,7 @@ class _Worker:
     """Models it loaded, by name (what /metrics reports per worker)."""
 
 
-class LocalExecutor:
+class LocalExecutor(OutputQueue):
     """Worker processes sharing nothing but pipes with this one. Thread-safe; never blocks in poll."""
 
     def __init__(
@@ -186,21 +186,6 @@ class LocalExecutor:
             worker.inbox.send(message)
         except OSError:
             pass  # the worker is dead; the reader sees its sentinel and reports the batch lost
-
-    def poll(self) -> list[ExecutorOutput]:
-        with self._lock:
-            outputs, self._outputs = self._outputs, []
-        return outputs
-
-    def wait_outputs(self, timeout_s: float) -> list[ExecutorOutput]:
-        """Block until there is at least one output (or the timeout), then drain them."""
-        with self._changed:
-            self._changed.wait_for(lambda: bool(self._outputs), timeout_s)
-            outputs, self._outputs = self._outputs, []
-        return outputs
-
-    def set_notify(self, notify: Callable[[], None] | None) -> None:
-        self._notify = notify
 
     def set_slot_gate(self, gate: SlotGate | None) -> None:
         """Ask `gate` before giving a slot a batch, and tell it how long each batch kept its slot."""

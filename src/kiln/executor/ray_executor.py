@@ -20,7 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.executor.base import BatchFailed, ExecBatch, ExecutorOutput, ModelLoad, SlotGate, WorkerLost
+from kiln.executor.base import (
+    BatchFailed, ExecBatch, ExecutorOutput, ModelLoad, OutputQueue, SlotGate, WorkerLost,
+)
 from kiln.executor.messages import BATCH_ENDS, FromWorker, ModelLoaded
 from kiln.executor.ray_worker import MAX_CONCURRENCY, ActorReady, WorkerActor
 from kiln.worker.registry import ModelInfo, ModelRegistry
@@ -55,7 +57,7 @@ class _Actor:
     """Set when a batch is handed to it (or it must stop): its keeper thread wakes on it."""
 
 
-class RayExecutor:
+class RayExecutor(OutputQueue):
     """Worker actors on a Ray cluster. Thread-safe; never blocks in poll, submit or cancel."""
 
     def __init__(
@@ -182,21 +184,6 @@ class RayExecutor:
             actor = next((a for a in self._actors if a.batch is not None and a.batch.batch_id == batch_id), None)
         if actor is not None:
             actor.handle.cancel.remote(batch_id)  # fire and forget: a dead actor reports its batch lost
-
-    def poll(self) -> list[ExecutorOutput]:
-        with self._lock:
-            outputs, self._outputs = self._outputs, []
-        return outputs
-
-    def wait_outputs(self, timeout_s: float) -> list[ExecutorOutput]:
-        """Block until there is at least one output (or the timeout), then drain them."""
-        with self._changed:
-            self._changed.wait_for(lambda: bool(self._outputs), timeout_s)
-            outputs, self._outputs = self._outputs, []
-        return outputs
-
-    def set_notify(self, notify: Callable[[], None] | None) -> None:
-        self._notify = notify
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Block until there is an actor and every live one has loaded its model (True), or the timeout."""
