@@ -7,11 +7,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import string
+
+from kiln.embedded import text_captions
 from kiln.embedded.captions import vocabulary_texts
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-MAX_TOKENS = 32
-"""Tokens per prompt, with <bos> and <eos>; the longest caption of the grammar is well under."""
+MAX_TOKENS = 48
+"""Tokens per prompt, with <bos> and <eos>; the longest caption of the grammar, its quoted word
+spelt letter by letter, is under."""
+LATENT_CHANNELS = 4
+LATENT_FACTOR = 8
+"""128x128 pictures <-> 16x16x4 latents (4 channels, so the stock inpainting pipeline takes the
+UNet as a legacy inpainting model): a letter cell (16 pixels) is 2x2 latent cells."""
 
 
 @dataclass(frozen=True)
@@ -21,7 +29,7 @@ class Sizes:
     text_hidden: int = 128
     text_layers: int = 3
     text_heads: int = 4
-    vae_channels: tuple[int, ...] = (16, 32, 64)
+    vae_channels: tuple[int, ...] = (16, 32, 64, 96)
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_heads: int = 4
 
@@ -31,7 +39,7 @@ TINY = Sizes(
     text_hidden=32,
     text_layers=1,
     text_heads=2,
-    vae_channels=(16, 16, 16),
+    vae_channels=(8, 8, 8, 8),
     unet_channels=(32, 32, 32),
     unet_heads=2,
 )
@@ -40,14 +48,30 @@ TINY = Sizes(
 def _backend_tokenizer():
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
+    from tokenizers import Regex
+
     pre = pre_tokenizers.Whitespace()
-    words = sorted({w for text in vocabulary_texts() for w, _ in pre.pre_tokenize_str(text.lower())})
-    vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS, *words])}
+    texts = vocabulary_texts() + text_captions.vocabulary_texts()
+    words = {w for text in texts for w, _ in pre.pre_tokenize_str(text.lower())}
+    words |= set(string.ascii_lowercase) | {'"'}
+    vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS, *sorted(words)])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Sequence(
-        [normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase()]
+        [
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Replace(Regex("[\u201c\u201d\u201e]"), '"'),
+            normalizers.Lowercase(),
+        ]
     )
-    tok.pre_tokenizer = pre
+    # A quoted run of letters is spelt: `"kiln"` -> `"` k i l n `"`; other text splits into words.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex('"[^"]*"'), behavior="isolated"),
+            pre_tokenizers.Split(Regex('[a-z](?=[a-z]*")'), behavior="isolated"),
+            pre,
+        ]
+    )
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
     )
@@ -55,7 +79,8 @@ def _backend_tokenizer():
 
 
 def build_tokenizer():
-    """A word-level tokenizer over the grammar's vocabulary; any other word becomes <unk>."""
+    """A word-level tokenizer over the grammar's vocabulary, spelling quoted words letter by letter
+    (so a word never seen in training is still 4 known letters); any other word becomes <unk>."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
@@ -88,37 +113,39 @@ def build_text_encoder(tokenizer, sizes: Sizes = FULL):
 
 
 def build_vae(sizes: Sizes = FULL):
-    """64x64x3 <-> 16x16x4: two downsamplings, no attention (flat-colour scenes do not need it)."""
+    """128x128x3 <-> 16x16x4: three downsamplings, no attention (flat colours and one font do not
+    need it)."""
     from diffusers import AutoencoderKL
 
     n = len(sizes.vae_channels)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
-        sample_size=64,
+        latent_channels=LATENT_CHANNELS,
+        sample_size=128,
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=sizes.vae_channels,
         layers_per_block=1,
-        norm_num_groups=min(16, sizes.vae_channels[0]),
+        norm_num_groups=min(8, sizes.vae_channels[0]),
         mid_block_add_attention=False,
     )
 
 
 def build_unet(sizes: Sizes = FULL):
-    """A small UNet on 16x16x4 latents. The text reaches it twice: by cross-attention, and pooled
-    into the time embedding (`addition_embed_type="text"`), which needs no extra pipeline inputs."""
+    """A small UNet on 16x16x4 latents. The text reaches it twice: by cross-attention at every
+    level (the 16x16 one is where letters are placed), and pooled into the time embedding
+    (`addition_embed_type="text"`), which needs no extra pipeline inputs."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
         layers_per_block=1,
         block_out_channels=sizes.unet_channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=sizes.text_hidden,
         attention_head_dim=sizes.unet_heads,  # diffusers reads this as the number of heads
         norm_num_groups=min(32, sizes.unet_channels[0]),

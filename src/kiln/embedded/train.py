@@ -1,9 +1,11 @@
 """Train Kiln's embedded text-to-image model from scratch, in seeded, resumable stages:
 
-1. autoencoder (64x64x3 <-> 16x16x4) on procedural scenes, then its decoder alone polished on the
-   cached latents with object pixels weighted up;
-2. text encoder, grounded by small attribute heads (training only, not saved) that must read the
-   object colour, background colour, shape, position and size from every caption;
+1. autoencoder (128x128x3 <-> 16x16x4) on procedural scenes (shapes, shapes with words, signs,
+   words), edges and object pixels weighted up; then its decoder alone polished on the cached
+   latents;
+2. text encoder, grounded by small heads (training only, not saved) that must read the scene's
+   kind, object colour, background colour, shape, position, size and every letter of the quoted
+   word from every caption;
 3. UNet on cached latents, with the text encoder frozen, v-prediction and classifier-free dropout.
 
 `python -m kiln.embedded.train` writes checkpoints under var/embedded-train/ and the best pipeline so
@@ -29,27 +31,37 @@ import torch.nn.functional as F
 
 from kiln.embedded import components
 from kiln.embedded.analyze import ATTRIBUTES, read_image, score
-from kiln.embedded.captions import caption, phrasings
+from kiln.embedded.ocr import letter_accuracy, read_word
 from kiln.embedded.scenes import (
     COLORS,
+    KINDS,
+    LETTERS,
+    NATIVE_SIZE,
     PALETTE,
     POSITIONS,
     SHAPES,
     SIZES,
+    WORD_LENGTHS,
     Scene,
+    sample_any_scene,
     sample_scene,
+    sample_text_scene,
     scene_batch,
 )
+from kiln.embedded.text_captions import HELD_OUT_WORDS, describe, training_word
 
 MODEL_DIR = Path(__file__).parent / "model"
 WORK_DIR = Path("var/embedded-train")
 ATTRIBUTE_VALUES = {
+    "kind": KINDS,
     "color": COLORS,
     "background": COLORS,
     "shape": SHAPES,
     "position": POSITIONS,
     "size": SIZES,
 }
+SLOTS = WORD_LENGTHS[1]
+"""Letter heads of the text encoder's grounding: one per letter of the word, 27 classes (A-Z, none)."""
 
 
 @dataclass(frozen=True)
@@ -58,24 +70,27 @@ class Recipe:
 
     sizes: components.Sizes = field(default_factory=lambda: components.FULL)
     seed: int = 1234
-    dataset_size: int = 24_000
-    vae_steps: int = 1_500
-    vae_batch: int = 16
+    dataset_size: int = 16_000
+    vae_steps: int = 1_600
+    vae_batch: int = 8
     vae_lr: float = 2e-3
-    decoder_steps: int = 1_600
+    decoder_steps: int = 400
     decoder_lr: float = 5e-4
-    text_steps: int = 400
+    text_steps: int = 500
     text_batch: int = 128
     text_lr: float = 1e-3
     unet_steps: int = 4_000
-    unet_batch: int = 64
+    vae_minutes: float = 16.0
+    decoder_minutes: float = 4.0
+    text_minutes: float = 4.0
+    unet_batch: int = 48
     unet_lr: float = 5e-4
     unet_warmup: int = 200
     ema_decay: float = 0.999
     cond_dropout: float = 0.1
     min_snr: float = 5.0
-    eval_every: int = 300
-    eval_prompts: int = 48
+    eval_every: int = 400
+    eval_prompts: int = 32
     sample_steps: int = 8
     guidance_scale: float = 3.0
     checkpoint_every_s: float = 240.0
@@ -112,6 +127,25 @@ def step_rng(recipe: Recipe, stage: str, step: int) -> tuple[random.Random, torc
     return rng, torch.Generator().manual_seed(rng.getrandbits(63))
 
 
+class Budget:
+    """A stage's progress in [0, 1]: the larger of steps done / planned and minutes spent /
+    allowed, so a stage on a busy machine ends on time with its learning rate run down. Time
+    spent is kept in the checkpoint, so a resumed stage keeps its clock."""
+
+    def __init__(self, steps: int, minutes: float | None, spent_s: float = 0.0):
+        self.steps, self.budget_s, self.spent_s, self.mark = steps, (minutes or 0) * 60, spent_s, time.time()
+
+    def spent(self) -> float:
+        return self.spent_s + time.time() - self.mark
+
+    def progress(self, step: int) -> float:
+        by_time = self.spent() / self.budget_s if self.budget_s else 0.0
+        return min(1.0, max(step / self.steps, by_time))
+
+    def done(self, step: int) -> bool:
+        return self.progress(step) >= 1.0
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -133,26 +167,36 @@ def train_vae(recipe: Recipe, work: Path):
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
+    budget = Budget(recipe.vae_steps, recipe.vae_minutes, state["spent"] if state else 0.0)
     start = time.time()
-    while step < recipe.vae_steps:
+    while not budget.done(step):
         rng, gen = step_rng(recipe, "vae", step)
-        images = torch.from_numpy(scene_batch([sample_scene(rng) for _ in range(recipe.vae_batch)], rng))
+        scenes = training_scenes(rng, recipe.vae_batch)
+        images = torch.from_numpy(scene_batch(scenes, rng))
         for group in opt.param_groups:
-            group["lr"] = recipe.vae_lr * 0.5 * (1 + np.cos(np.pi * step / recipe.vae_steps))
+            group["lr"] = recipe.vae_lr * 0.5 * (1 + np.cos(np.pi * budget.progress(step)))
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         kl = posterior.kl().mean() / posterior.mean[0].numel()
-        loss = F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images) + 1e-4 * kl
+        loss = weighted_loss(recon, images, scenes) + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
-        if step % 100 == 0 or step == recipe.vae_steps:
+        if step % 100 == 0 or budget.done(step):
             log(work, f"vae step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
-        if step == recipe.vae_steps or time.time() - last_save > recipe.checkpoint_every_s:
-            save_checkpoint(path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
+        if budget.done(step) or time.time() - last_save > recipe.checkpoint_every_s:
+            state = {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "spent": budget.spent()}
+            if budget.done(step):
+                state["spent"] = recipe.vae_minutes * 60  # finished: a resumed run trains no more
+            save_checkpoint(path, state)
             last_save = time.time()
     return vae.eval().requires_grad_(False)
+
+
+def training_scenes(rng: random.Random, n: int) -> list[Scene]:
+    """Scenes of every kind; the words are training words (never a held-out one)."""
+    return [sample_any_scene(rng, training_word) for _ in range(n)]
 
 
 def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
@@ -161,7 +205,7 @@ def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
     if (cached := load_checkpoint(path)) is not None:
         return cached
     rng = random.Random(f"{recipe.seed}-dataset")
-    scenes = [sample_scene(rng) for _ in range(recipe.dataset_size)]
+    scenes = training_scenes(rng, recipe.dataset_size)
     latents = []
     with torch.no_grad():
         for i in range(0, len(scenes), 256):
@@ -178,12 +222,22 @@ def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
     return data
 
 
-def object_weights(images: torch.Tensor, scenes: list[Scene], weight: float) -> torch.Tensor:
-    """Per-pixel loss weights: `weight` on the object (pixels unlike the background), 1 elsewhere,
-    so the few pixels that carry shape and colour are not drowned by the flat background."""
+def pixel_weights(images: torch.Tensor, scenes: list[Scene], weight: float, edge: float) -> torch.Tensor:
+    """Per-pixel loss weights: `weight` on the object (pixels unlike the background) and `edge`
+    more near any edge (of a shape, a sign or a letter stroke), 1 elsewhere, so the few pixels
+    that carry shape, colour and letters are not drowned by the flat background."""
     bg = torch.tensor([PALETTE[s.background] for s in scenes], dtype=torch.float32) / 127.5 - 1.0
     far = (images - bg[:, :, None, None]).abs().amax(dim=1, keepdim=True) > 0.1
-    return 1.0 + (weight - 1.0) * far.float()
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().amax(dim=1, keepdim=True)
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().amax(dim=1, keepdim=True)
+    edges = F.pad(dx, (0, 1, 0, 0)).maximum(F.pad(dy, (0, 0, 0, 1))) > 0.1
+    edges = F.max_pool2d(edges.float(), 3, stride=1, padding=1)
+    return 1.0 + (weight - 1.0) * far.float() + edge * edges
+
+
+def weighted_loss(recon: torch.Tensor, images: torch.Tensor, scenes: list[Scene]) -> torch.Tensor:
+    w = pixel_weights(images, scenes, 4.0, 8.0)
+    return (w * ((recon - images) ** 2 + 0.5 * (recon - images).abs())).mean() / w.mean()
 
 
 def polish_decoder(recipe: Recipe, work: Path, vae):
@@ -195,27 +249,29 @@ def polish_decoder(recipe: Recipe, work: Path, vae):
         vae.decoder.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
+    budget = Budget(recipe.decoder_steps, recipe.decoder_minutes, state["spent"] if state else 0.0)
     vae.decoder.requires_grad_(True)
     start = time.time()
-    while step < recipe.decoder_steps:
+    while not budget.done(step):
         rng, _ = step_rng(recipe, "decoder", step)
-        scenes = [sample_scene(rng) for _ in range(recipe.vae_batch)]
+        scenes = training_scenes(rng, recipe.vae_batch)
         images = torch.from_numpy(scene_batch(scenes, rng))
         for group in opt.param_groups:
-            group["lr"] = recipe.decoder_lr * 0.5 * (1 + np.cos(np.pi * step / recipe.decoder_steps))
+            group["lr"] = recipe.decoder_lr * 0.5 * (1 + np.cos(np.pi * budget.progress(step)))
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mean
         recon = vae.decode(latents).sample
-        w = object_weights(images, scenes, 8.0)
-        loss = (w * ((recon - images) ** 2 + 0.5 * (recon - images).abs())).mean()
+        loss = weighted_loss(recon, images, scenes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
-        if step % 100 == 0 or step == recipe.decoder_steps:
+        if step % 100 == 0 or budget.done(step):
             log(work, f"decoder step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
-        if step == recipe.decoder_steps or time.time() - last_save > recipe.checkpoint_every_s:
-            save_checkpoint(path, {"model": vae.decoder.state_dict(), "opt": opt.state_dict(), "step": step})
+        if budget.done(step) or time.time() - last_save > recipe.checkpoint_every_s:
+            spent = recipe.decoder_minutes * 60 if budget.done(step) else budget.spent()
+            state = {"model": vae.decoder.state_dict(), "opt": opt.state_dict(), "step": step, "spent": spent}
+            save_checkpoint(path, state)
             last_save = time.time()
     return vae.eval().requires_grad_(False)
 
@@ -224,13 +280,14 @@ def polish_decoder(recipe: Recipe, work: Path, vae):
 
 
 class AttributeHeads(torch.nn.Module):
-    """Linear read-outs of each scene attribute from a text hidden state; training only."""
+    """Linear read-outs of each scene attribute, and of each letter of the word, from a text hidden
+    state; training only."""
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.heads = torch.nn.ModuleDict(
-            {name: torch.nn.Linear(hidden, len(values)) for name, values in ATTRIBUTE_VALUES.items()}
-        )
+        heads = {name: torch.nn.Linear(hidden, len(values)) for name, values in ATTRIBUTE_VALUES.items()}
+        heads |= {f"letter{i}": torch.nn.Linear(hidden, len(LETTERS) + 1) for i in range(SLOTS)}
+        self.heads = torch.nn.ModuleDict(heads)
 
     def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: head(hidden) for name, head in self.heads.items()}
@@ -246,16 +303,31 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+def _target(scene: Scene, name: str, values) -> int:
+    if name in ("shape", "position", "size") and scene.kind in ("sign", "word"):
+        return -100  # not said by the caption
+    return values.index(getattr(scene, name))
+
+
 def attribute_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
-    return {
-        name: torch.tensor([values.index(getattr(s, name)) for s in scenes])
-        for name, values in ATTRIBUTE_VALUES.items()
+    out = {
+        name: torch.tensor([_target(s, name, values) for s in scenes]) for name, values in ATTRIBUTE_VALUES.items()
     }
+    for i in range(SLOTS):
+        out[f"letter{i}"] = torch.tensor(
+            [LETTERS.index(s.word[i]) if s.word and i < len(s.word) else len(LETTERS) for s in scenes]
+        )
+    return out
 
 
-def text_batch(recipe, tokenizer, rng, pool, n):
-    scenes = [sample_scene(rng) for _ in range(n)]
-    ids = tokenize(tokenizer, [caption(s, rng.choice(pool), rng) for s in scenes])
+def text_batch(recipe, tokenizer, rng, split, n):
+    if split == "train":
+        scenes = training_scenes(rng, n)
+    else:  # held-out phrasings, and held-out words for the text kinds
+        scenes = [
+            sample_scene(rng) if i % 2 else sample_text_scene(rng, rng.choice(HELD_OUT_WORDS)) for i in range(n)
+        ]
+    ids = tokenize(tokenizer, [describe(s, rng, split) for s in scenes])
     return scenes, ids
 
 
@@ -269,9 +341,10 @@ def attribute_loss(text_encoder, heads, ids, scenes, eos_id):
     counts = full.sum(dim=1)
     loss, correct = 0.0, {}
     for name, target in attribute_targets(scenes).items():
-        loss = loss + F.cross_entropy(logits[name], target.repeat_interleave(counts))
+        loss = loss + F.cross_entropy(logits[name], target.repeat_interleave(counts), ignore_index=-100)
         at_eos = heads.heads[name](hidden[torch.arange(len(ids)), eos_pos])
-        correct[name] = (at_eos.argmax(dim=1) == target).float().mean().item()
+        known = target != -100
+        correct[name] = (at_eos.argmax(dim=1) == target)[known].float().mean().item()
     return loss, correct
 
 
@@ -286,32 +359,29 @@ def train_text(recipe: Recipe, work: Path, tokenizer):
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
-    train_pool, held_pool = phrasings("train"), phrasings("held_out")
+    budget = Budget(recipe.text_steps, recipe.text_minutes, state["spent"] if state else 0.0)
     start = time.time()
-    while step < recipe.text_steps:
+    while not budget.done(step):
         rng, _ = step_rng(recipe, "text", step)
         torch.manual_seed(rng.getrandbits(63))  # dropout inside the encoder
-        scenes, ids = text_batch(recipe, tokenizer, rng, train_pool, recipe.text_batch)
+        scenes, ids = text_batch(recipe, tokenizer, rng, "train", recipe.text_batch)
         for group in opt.param_groups:
             group["lr"] = (
-                recipe.text_lr
-                * min(1.0, (step + 1) / 100)
-                * 0.5
-                * (1 + np.cos(np.pi * step / recipe.text_steps))
+                recipe.text_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * budget.progress(step)))
             )
         loss, _ = attribute_loss(text_encoder, heads, ids, scenes, tokenizer.eos_token_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
-        if step % 100 == 0 or step == recipe.text_steps:
+        if step % 100 == 0 or budget.done(step):
             with torch.no_grad():
                 rng = random.Random(f"{recipe.seed}-text-eval")
-                scenes, ids = text_batch(recipe, tokenizer, rng, held_pool, 512)
+                scenes, ids = text_batch(recipe, tokenizer, rng, "held_out", 512)
                 _, held = attribute_loss(text_encoder, heads, ids, scenes, tokenizer.eos_token_id)
-            accs = " ".join(f"{k} {v:.3f}" for k, v in held.items())
+            accs = " ".join(f"{k} {v:.2f}" for k, v in held.items())
             log(work, f"text step {step} loss {loss.item():.4f} held-out {accs} ({time.time() - start:.0f}s)")
-        if step == recipe.text_steps or time.time() - last_save > recipe.checkpoint_every_s:
+        if budget.done(step) or time.time() - last_save > recipe.checkpoint_every_s:
             save_checkpoint(
                 path,
                 {
@@ -319,6 +389,7 @@ def train_text(recipe: Recipe, work: Path, tokenizer):
                     "heads": heads.state_dict(),
                     "opt": opt.state_dict(),
                     "step": step,
+                    "spent": recipe.text_minutes * 60 if budget.done(step) else budget.spent(),
                 },
             )
             last_save = time.time()
@@ -329,7 +400,7 @@ def train_text(recipe: Recipe, work: Path, tokenizer):
 
 
 def evaluate(recipe: Recipe, pipe, prompts_scenes) -> dict[str, float]:
-    """Sample held-out prompts as the server would, and score the pixels."""
+    """Sample held-out prompts as the server would; score the shapes' pixels and read the words."""
     prompts = [p for p, _ in prompts_scenes]
     images = pipe(
         prompts,
@@ -339,20 +410,52 @@ def evaluate(recipe: Recipe, pipe, prompts_scenes) -> dict[str, float]:
         output_type="pil",
     ).images
     hits = {name: 0 for name in ATTRIBUTES}
+    shapes, words, letters, exact = 0, 0, 0.0, 0
     for image, (_, scene) in zip(images, prompts_scenes):
-        for name, ok in score(read_image(image), scene).items():
-            hits[name] += ok
-    return {name: hits[name] / len(prompts) for name in ATTRIBUTES}
+        if scene.kind == "shape":
+            shapes += 1
+            for name, ok in score(read_image(image), scene).items():
+                hits[name] += ok
+        else:
+            read = read_word(image, scene)
+            words += 1
+            letters += letter_accuracy(read, scene.word)
+            exact += read == scene.word
+    out = {name: hits[name] / max(shapes, 1) for name in ATTRIBUTES}
+    return out | {"letters": letters / max(words, 1), "words": exact / max(words, 1)}
 
 
 def held_out_prompts(recipe: Recipe, n: int, salt: str = "eval") -> list[tuple[str, Scene]]:
+    """Half plain shapes in held-out phrasings, half held-out words in training phrasings."""
     rng = random.Random(f"{recipe.seed}-{salt}")
-    pool = phrasings("held_out")
     out = []
-    for _ in range(n):
-        scene = sample_scene(rng)
-        out.append((caption(scene, rng.choice(pool), rng), scene))
+    for i in range(n):
+        if i % 2:
+            scene = sample_scene(rng)
+            out.append((describe(scene, rng, "held_out"), scene))
+        else:
+            scene = sample_text_scene(rng, HELD_OUT_WORDS[rng.randrange(len(HELD_OUT_WORDS))])
+            out.append((describe(scene, rng, "train"), scene))
     return out
+
+
+def preview_projection(vae) -> dict:
+    """A least-squares latent -> RGB map (for the server's step previews), fitted on flat-colour
+    cells in the space the pipeline's latents live in."""
+    gen = torch.Generator().manual_seed(0)
+    colours = torch.rand(4, 3, 8, 8, generator=gen) * 1.6 - 0.8
+    pixels = colours.repeat_interleave(32, 2).repeat_interleave(32, 3)
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(next(vae.parameters()).dtype)).latent_dist.mean.float()
+    latents = latents * vae.config.scaling_factor
+    target = F.adaptive_avg_pool2d(pixels, latents.shape[-2:])
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    y = target.permute(0, 2, 3, 1).reshape(-1, 3)
+    solution = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1)], dim=1), y).solution
+    return {
+        "latent_rgb_factors": [[round(float(v), 4) for v in row] for row in solution[:-1]],
+        "latent_rgb_bias": [round(float(v), 4) for v in solution[-1]],
+    }
 
 
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, recipe: Recipe, summary: dict) -> None:
@@ -365,11 +468,11 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, recipe: Recipe,
     )
     pipe.save_pretrained(tmp, safe_serialization=True)
     defaults = {
-        "native_size": 64,
+        "native_size": NATIVE_SIZE,
         "steps": recipe.sample_steps,
         "guidance_scale": recipe.guidance_scale,
         "scheduler": type(pipe.scheduler).__name__,
-    }
+    } | preview_projection(vae)
     (tmp / "kiln.json").write_text(json.dumps(defaults, indent=2) + "\n")
     (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     old = out.with_name(out.name + ".old")
@@ -410,7 +513,7 @@ def eval_and_keep_best(
     pipe = components.assemble_pipeline(vae, text_encoder, tokenizer, ema)
     pipe.set_progress_bar_config(disable=True)
     accs = evaluate(recipe, pipe, eval_set)
-    mean = float(np.mean(list(accs.values())))
+    mean = float(np.mean([accs[name] for name in ATTRIBUTES]) + accs["letters"]) / 2
     log(
         work,
         f"eval step {step}: "
@@ -458,7 +561,6 @@ def train_unet(
     snr = alphas / (1 - alphas)
     latents = data["latents"] * data["scaling_factor"]
     scenes = [Scene(**s) for s in data["scenes"]]
-    pool = phrasings("train")
     with torch.no_grad():
         empty = text_encoder(tokenize(tokenizer, [""])).last_hidden_state
     eval_set = held_out_prompts(recipe, recipe.eval_prompts)
@@ -470,10 +572,12 @@ def train_unet(
         return {"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                 "step": step, "best": best, "seconds": spent_s}
 
-    while step < recipe.unet_steps and (deadline is None or time.time() < deadline):
+    left_s = (deadline - time.time()) if deadline is not None else None
+    budget = Budget(recipe.unet_steps, (seconds + left_s) / 60 if left_s else None, seconds)
+    while not budget.done(step):
         rng, gen = step_rng(recipe, "unet", step)
         idx = torch.randint(0, len(scenes), (recipe.unet_batch,), generator=gen)
-        texts = [caption(scenes[i], rng.choice(pool), rng) for i in idx.tolist()]
+        texts = [describe(scenes[i], rng) for i in idx.tolist()]
         with torch.no_grad():
             cond = text_encoder(tokenize(tokenizer, texts)).last_hidden_state
             drop = torch.rand(len(texts), generator=gen) < recipe.cond_dropout
@@ -486,7 +590,7 @@ def train_unet(
         lr_scale = min(1.0, (step + 1) / recipe.unet_warmup)
         for group in opt.param_groups:
             group["lr"] = (
-                recipe.unet_lr * lr_scale * (0.1 + 0.45 * (1 + np.cos(np.pi * step / recipe.unet_steps)))
+                recipe.unet_lr * lr_scale * (0.1 + 0.45 * (1 + np.cos(np.pi * budget.progress(step))))
             )
         pred = unet(noisy, t, cond).sample
         weight = torch.clamp(snr[t], max=recipe.min_snr) / (snr[t] + 1)
