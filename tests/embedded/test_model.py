@@ -35,7 +35,7 @@ def test_is_a_plain_stable_diffusion_pipeline(pipe):
 
 def test_serving_defaults_and_size_on_disk():
     defaults = json.loads((MODEL / "kiln.json").read_text())
-    assert defaults["native_size"] == 128
+    assert defaults["native_size"] == 64
     assert 1 <= defaults["steps"] <= 50 and defaults["guidance_scale"] >= 1.0
     assert defaults["scheduler"]
     size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
@@ -47,7 +47,7 @@ def test_generates_native_size_deterministically(pipe):
     prompt = ["a large yellow square at the top on a purple background", "a small blue circle, left"]
     first = _generate(pipe, prompt, seed=3)
     again = _generate(pipe, prompt, seed=3)
-    assert first.shape == (2, 128, 128, 3)
+    assert first.shape == (2, 64, 64, 3)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first[0], _generate(pipe, prompt[:1], seed=4)[0])
 
@@ -59,10 +59,10 @@ def test_unknown_words_and_empty_prompts_do_not_crash(pipe):
         guidance_scale=3.0,
         negative_prompt="",
     )
-    assert images.shape == (1, 128, 128, 3) and np.isfinite(images).all()
-    assert _generate(pipe, "", num_inference_steps=2).shape == (1, 128, 128, 3)
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+    assert _generate(pipe, "", num_inference_steps=2).shape == (1, 64, 64, 3)
     long = " ".join(['a sign that says "ABCDEF" on the left'] * 20)  # longer than the tokenizer's window
-    assert _generate(pipe, long, num_inference_steps=2).shape == (1, 128, 128, 3)
+    assert _generate(pipe, long, num_inference_steps=2).shape == (1, 64, 64, 3)
 
 
 def test_saved_tokenizer_spells_quoted_words(pipe):
@@ -76,20 +76,20 @@ def test_edit_pipelines_share_its_components(pipe):
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
     from PIL import Image
 
-    start = Image.new("RGB", (128, 128), (30, 70, 220))
-    mask = Image.new("L", (128, 128), 0)
-    mask.paste(255, (32, 32, 96, 96))
+    start = Image.new("RGB", (64, 64), (30, 70, 220))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
     out = img2img("a red circle", image=start, strength=0.6, num_inference_steps=4, output_type="np").images
-    assert out.shape == (1, 128, 128, 3)
+    assert out.shape == (1, 64, 64, 3)
     inpaint = StableDiffusionInpaintPipeline(**pipe.components)
     out = inpaint(
         "a red circle",
         image=start,
         mask_image=mask,
         num_inference_steps=3,
-        height=128,
-        width=128,
+        height=64,
+        width=64,
         output_type="np",
     ).images
-    assert out.shape == (1, 128, 128, 3)
+    assert out.shape == (1, 64, 64, 3)

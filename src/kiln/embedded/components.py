@@ -17,9 +17,9 @@ MAX_TOKENS = 48
 """Tokens per prompt, with <bos> and <eos>; the longest caption of the grammar, its quoted word
 spelt letter by letter, is under."""
 LATENT_CHANNELS = 4
-LATENT_FACTOR = 8
-"""128x128 pictures <-> 16x16x4 latents (4 channels, so the stock inpainting pipeline takes the
-UNet as a legacy inpainting model): a letter cell (16 pixels) is 2x2 latent cells."""
+LATENT_FACTOR = 4
+"""64x64 pictures <-> 16x16x4 latents (4 channels, so the stock inpainting pipeline takes the
+UNet as a legacy inpainting model)."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Sizes:
     text_hidden: int = 128
     text_layers: int = 3
     text_heads: int = 4
-    vae_channels: tuple[int, ...] = (16, 32, 64, 96)
+    vae_channels: tuple[int, ...] = (16, 32, 64)
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_heads: int = 4
 
@@ -39,7 +39,7 @@ TINY = Sizes(
     text_hidden=32,
     text_layers=1,
     text_heads=2,
-    vae_channels=(8, 8, 8, 8),
+    vae_channels=(16, 16, 16),
     unet_channels=(32, 32, 32),
     unet_heads=2,
 )
@@ -51,10 +51,15 @@ def _backend_tokenizer():
     from tokenizers import Regex
 
     pre = pre_tokenizers.Whitespace()
-    texts = vocabulary_texts() + text_captions.vocabulary_texts()
-    words = {w for text in texts for w, _ in pre.pre_tokenize_str(text.lower())}
-    words |= set(string.ascii_lowercase) | {'"'}
-    vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS, *sorted(words)])}
+    def words(texts):
+        return {w for text in texts for w, _ in pre.pre_tokenize_str(text.lower())}
+
+    # The shape grammar's words keep the ids they had before words were drawn (the shipped text
+    # encoder was fine-tuned from that model); the new words and the letters follow.
+    shape_words = sorted(words(vocabulary_texts()))
+    new = words(text_captions.vocabulary_texts()) | set(string.ascii_lowercase) | {'"'}
+    tokens = [PAD, UNK, BOS, EOS, *shape_words, *sorted(new - set(shape_words))]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Sequence(
         [
@@ -113,7 +118,7 @@ def build_text_encoder(tokenizer, sizes: Sizes = FULL):
 
 
 def build_vae(sizes: Sizes = FULL):
-    """128x128x3 <-> 16x16x4: three downsamplings, no attention (flat colours and one font do not
+    """64x64x3 <-> 16x16x4: two downsamplings, no attention (flat colours and one font do not
     need it)."""
     from diffusers import AutoencoderKL
 
@@ -122,20 +127,20 @@ def build_vae(sizes: Sizes = FULL):
         in_channels=3,
         out_channels=3,
         latent_channels=LATENT_CHANNELS,
-        sample_size=128,
+        sample_size=64,
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=sizes.vae_channels,
         layers_per_block=1,
-        norm_num_groups=min(8, sizes.vae_channels[0]),
+        norm_num_groups=min(16, sizes.vae_channels[0]),
         mid_block_add_attention=False,
     )
 
 
 def build_unet(sizes: Sizes = FULL):
-    """A small UNet on 16x16x4 latents. The text reaches it twice: by cross-attention at every
-    level (the 16x16 one is where letters are placed), and pooled into the time embedding
-    (`addition_embed_type="text"`), which needs no extra pipeline inputs."""
+    """A small UNet on 16x16x4 latents. The text reaches it twice: by cross-attention at 8x8 and
+    4x4, and pooled into the time embedding (`addition_embed_type="text"`), which needs no extra
+    pipeline inputs."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -144,8 +149,8 @@ def build_unet(sizes: Sizes = FULL):
         out_channels=LATENT_CHANNELS,
         layers_per_block=1,
         block_out_channels=sizes.unet_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * 3,
-        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=sizes.text_hidden,
         attention_head_dim=sizes.unet_heads,  # diffusers reads this as the number of heads
         norm_num_groups=min(32, sizes.unet_channels[0]),

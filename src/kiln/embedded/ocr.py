@@ -11,7 +11,7 @@ from PIL import Image
 
 from kiln.embedded.scenes import LETTERS, PALETTE, Scene
 
-UPSCALE = 4
+UPSCALE = 6
 TESSERACT_CONFIG = f"--psm 7 --oem 1 -c tessedit_char_whitelist={LETTERS}"
 
 

@@ -2,9 +2,8 @@
 anti-aliased.
 
 A scene is the ground truth that captions describe and the scorecard checks against. Words are
-2–6 capital letters in the font that ships with Pillow, drawn one letter to a 16-pixel cell whose
-corners lie on the autoencoder's 8-pixel latent grid, so each letter is a few latent cells wide
-and always lands on the grid the same way.
+2–6 capital letters in the font that ships with Pillow, drawn one letter to a 9-pixel cell, the
+word's box starting on the autoencoder's 4-pixel latent grid.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-NATIVE_SIZE = 128
+NATIVE_SIZE = 64
 _SUPERSAMPLE = 4
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -40,11 +39,13 @@ KINDS = ("shape", "shape_word", "sign", "word")
 KIND_WEIGHTS = (0.4, 0.2, 0.2, 0.2)
 LETTERS = string.ascii_uppercase
 WORD_LENGTHS = (2, 6)
-LETTER_PITCH = 16
-"""Native pixels per letter cell (two latent cells)."""
-FONT_SIZE = 18
-"""Pillow's default font at this size: capitals about 13 native pixels tall."""
-STROKE = 0.75
+LATENT_GRID = 4
+"""Native pixels per latent cell (the autoencoder's downsampling)."""
+LETTER_PITCH = 9
+"""Native pixels per letter cell (a little over two latent cells)."""
+FONT_SIZE = 11
+"""Pillow's default font at this size: capitals about 8 native pixels tall."""
+STROKE = 0.5
 """Extra stroke width in native pixels, so letters stay bold enough for the autoencoder."""
 DARK_COLORS = frozenset({"red", "green", "blue", "purple", "black"})
 
@@ -134,14 +135,14 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 def text_box(word: str, centre: tuple[float, float], size: int = NATIVE_SIZE) -> tuple[int, int, int, int]:
     """The word's box (x0, y0, x1, y1) in native pixels: one LETTER_PITCH cell a letter, centred
-    near `centre` (fractions), snapped to the 8-pixel grid and kept inside the picture."""
-    grid = 8 * size // NATIVE_SIZE
+    near `centre` (fractions), snapped to the latent grid and kept inside the picture."""
+    grid = LATENT_GRID * size // NATIVE_SIZE
     pitch = LETTER_PITCH * size // NATIVE_SIZE
     width = len(word) * pitch
     x0 = round((centre[0] * size - width / 2) / grid) * grid
     y0 = round((centre[1] * size - pitch / 2) / grid) * grid
-    x0 = min(max(x0, grid), size - grid - width)
-    y0 = min(max(y0, grid), size - grid - pitch)
+    x0 = min(max(x0, grid), (size - grid - width) // grid * grid)
+    y0 = min(max(y0, grid), (size - grid - pitch) // grid * grid)
     return x0, y0, x0 + width, y0 + pitch
 
 
@@ -192,7 +193,7 @@ def draw_scene(scene: Scene, rng: random.Random | None = None, size: int = NATIV
     if scene.word:
         x0, y0, x1, y1 = (v * _SUPERSAMPLE for v in text_box(scene.word, (cx, cy), size))
         if scene.kind == "sign":
-            pad = 8 * size // NATIVE_SIZE * _SUPERSAMPLE
+            pad = LATENT_GRID * size // NATIVE_SIZE * _SUPERSAMPLE
             draw.rectangle((x0 - pad, y0 - pad, x1 + pad - 1, y1 + pad - 1), fill=PALETTE[scene.color])
         _draw_word(draw, scene.word, (x0, y0, x1, y1), _SUPERSAMPLE * size // NATIVE_SIZE, PALETTE[scene.text_color])
     return image.resize((size, size), Image.Resampling.LANCZOS)

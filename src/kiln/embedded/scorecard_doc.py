@@ -80,8 +80,15 @@ def write_doc(path: Path, result: dict, analysis: str = "") -> None:
     demo = "\n".join(f"| `{p}` | {r or '–'} |" for p, r in result["demo"])
     examples = ", ".join(f"{w} → {r or '∅'}" for w, r in wh["examples"])
     notes = "".join(f"- {n}\n" for n in tr.get("notes", []))
-    stages = ", ".join(f"{k.replace('_', ' ')} {v} min" for k, v in tr.get("stage_minutes", {}).items())
+    stages = ", ".join(f"{k.replace('_', ' ')} {v} min" for k, v in tr.get("stage_minutes", {}).items()) or (
+        f"autoencoder, latents and decoder {tr.get('vae_and_data_seconds', 0) / 60:.0f} min, text encoder "
+        f"{tr.get('text_seconds', 0) / 60:.0f} min, UNet {tr.get('unet_seconds', 0) / 60:.0f} min"
+    )
     centre = POSITION_FORMS["centre"]
+    init_line = (
+        "The shipped weights were fine-tuned from the shapes-only model (the one in "
+        "`src/kiln/embedded/model/` before words)." if recipe.get("init_from") else ""
+    )
     path.write_text(f"""# Kiln's embedded model
 
 A tiny text-to-image model that Kiln trains itself and ships in the repository
@@ -193,40 +200,40 @@ nearest-neighbour. The numbers behind this page are in `embedded-scorecard.json`
 
 ## How it is trained
 
-`python -m kiln.embedded.train` (seeded and resumable; checkpoints and `train.log` in
-`var/embedded-train/`; `--minutes` is a wall-clock deadline for the whole run; `--smoke` runs a
-tiny config in a temp dir, which the tests do).
+`python -m kiln.embedded.train --init DIR` fine-tunes a pipeline (the `FINETUNE` recipe; without
+`--init` the `Recipe` defaults train from scratch). Seeded and resumable; checkpoints and
+`train.log` in `var/embedded-train/`; `--minutes` is a wall-clock deadline for the whole run;
+`--smoke` runs a tiny config in a temp dir, which the tests do. {init_line}
 
 - **Data**: `scenes.py` draws scenes procedurally at {d["native_size"]}x{d["native_size"]} (4x supersampled): 40 % plain
   shapes, 20 % shapes with a word, 20 % signs, 20 % words alone. Letters are Pillow's default
-  font at size {FONT_SIZE}, a little emboldened, one to a {LETTER_PITCH}-pixel cell on the 8-pixel latent grid,
-  centred on the shape or the picture. Training words are random 2–6 letter strings (75 %) and
-  the real `TRAINING_WORDS` (25 %), never a held-out word. `captions.py` describes shapes from a
-  compositional grammar ({result["n_phrasings"]} phrasings, {result["n_phrasings_held_out"]} of
-  them held out by a stable hash); `text_captions.py` adds the word clauses, sign and word forms
-  and frames, held out the same way (the composer's phrasings are always in training).
-- **Tokenizer**: word-level over the grammar's vocabulary plus the letters a–z and `"`; a
-  pre-tokenizer isolates `"..."` and splits its letters, so `"KILN"` is `" k i l n "`
-  ({MAX_TOKENS} tokens at most, `PreTrainedTokenizerFast`).
+  font at size {FONT_SIZE}, a little emboldened, one to a {LETTER_PITCH}-pixel cell, the word's box on the
+  {LATENT_FACTOR}-pixel latent grid, centred on the shape or the picture. Training words are random 2–6
+  letter strings (75 %) and the real `TRAINING_WORDS` (25 %), never a held-out word.
+  `captions.py` describes shapes from a compositional grammar ({result["n_phrasings"]} phrasings,
+  {result["n_phrasings_held_out"]} of them held out by a stable hash); `text_captions.py` adds the
+  word clauses, sign and word forms and frames, held out the same way (the composer's phrasings
+  are always in training).
+- **Tokenizer**: word-level over the grammar's vocabulary plus the letters a–z and `"` (the shape
+  words keep their old ids); a pre-tokenizer isolates `"..."` and splits its letters, so `"KILN"`
+  is `" k i l n "` ({MAX_TOKENS} tokens at most, `PreTrainedTokenizerFast`).
 - **Autoencoder**: `AutoencoderKL` {d["native_size"]}x{d["native_size"]}x3 → {d["native_size"] // LATENT_FACTOR}x{d["native_size"] // LATENT_FACTOR}x{LATENT_CHANNELS}, channels
-  {tuple(sizes.get("vae_channels", ()))}, no attention; batch {recipe.get("vae_batch")}, MSE + L1 with object pixels
-  weighted 4x and pixels near any edge (shape outlines, letter strokes) 8x more, + a small KL;
-  `scaling_factor` = 1 / latent std; latents of {recipe.get("dataset_size")} scenes cached once;
+  {tuple(sizes.get("vae_channels", ()))}, no attention; batch {recipe.get("vae_batch")}, lr {recipe.get("vae_lr")}, MSE + L1 with object
+  pixels weighted 4x and pixels near any edge (shape outlines, letter strokes) 8x more, + a small
+  KL; `scaling_factor` = 1 / latent std; latents of {recipe.get("dataset_size")} scenes cached once;
   then the decoder alone polished on those mean latents with the same weights.
-- **Text encoder**: `CLIPTextModel` ({sizes.get("text_layers")} layers, width {sizes.get("text_hidden")}),
-  trained first with linear heads that read the kind of scene, the five attributes and each of
-  the word's six letters from the `<eos>` position and every pad after it; the heads are thrown
-  away and the encoder frozen.
-- **UNet**: `UNet2DConditionModel` channels {tuple(sizes.get("unet_channels", ()))}, cross-attention at every level
-  (16x16, 8x8, 4x4), the caption also pooled into the time embedding
-  (`addition_embed_type="text"`); v-prediction, linear betas, min-SNR-{recipe.get("min_snr")} weighting,
-  AdamW {recipe.get("unet_lr")}, batch {recipe.get("unet_batch")}, {recipe.get("cond_dropout", 0) * 100:.0f} % empty captions, EMA
-  {recipe.get("ema_decay")} of the weights ships; {tr.get("unet_steps_done", "?")} steps. Every
-  {recipe.get("eval_every")} steps the EMA model draws {recipe.get("eval_prompts")} held-out prompts (half held-out
-  words) and the best so far is saved.
+- **Text encoder**: `CLIPTextModel` ({sizes.get("text_layers")} layers, width {sizes.get("text_hidden")}; new token rows
+  random, positions 32–47 copied from 31), trained with linear heads that read the kind of
+  scene, the five attributes and each of the word's six letters from the `<eos>` position and
+  every pad after it; the heads are thrown away and the encoder frozen.
+- **UNet**: `UNet2DConditionModel` channels {tuple(sizes.get("unet_channels", ()))}, cross-attention at 8x8 and 4x4,
+  the caption also pooled into the time embedding (`addition_embed_type="text"`); v-prediction,
+  linear betas, min-SNR-{recipe.get("min_snr")} weighting, AdamW {recipe.get("unet_lr")}, batch {recipe.get("unet_batch")},
+  {recipe.get("cond_dropout", 0) * 100:.0f} % empty captions, EMA {recipe.get("ema_decay")} of the weights ships;
+  {tr.get("unet_steps_done", "?")} steps. Every {recipe.get("eval_every")} steps the EMA model draws {recipe.get("eval_prompts")} held-out prompts
+  (half held-out words) and the best so far is saved.
 - Each stage runs to its planned steps or its minutes, whichever comes first, its learning rate
   following the larger of the two fractions, so a busy machine shortens a stage instead of
   cutting it off at full learning rate.
-- **Time**: {stages or "see training.json"}. UNet and VAE saved in fp16 (they load as fp32), the
-  text encoder in fp32.
+- **Time**: {stages}. UNet and VAE saved in fp16 (they load as fp32), the text encoder in fp32.
 {notes}""")

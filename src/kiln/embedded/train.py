@@ -94,6 +94,9 @@ class Recipe:
     sample_steps: int = 8
     guidance_scale: float = 3.0
     checkpoint_every_s: float = 240.0
+    init_from: str | None = None
+    """A pipeline directory whose VAE, text encoder (its rows of the vocabulary and positions)
+    and UNet start the training, instead of random weights."""
 
 
 SMOKE = Recipe(
@@ -112,6 +115,50 @@ SMOKE = Recipe(
     sample_steps=2,
     checkpoint_every_s=0.0,
 )
+
+
+FINETUNE = Recipe(
+    dataset_size=6_000,
+    vae_steps=1_500,
+    vae_batch=16,
+    vae_lr=5e-4,
+    vae_minutes=9.0,
+    decoder_steps=600,
+    decoder_minutes=4.0,
+    text_steps=400,
+    text_lr=5e-4,
+    text_minutes=4.0,
+    unet_steps=3_000,
+    unet_batch=32,
+    unet_lr=2e-4,
+    unet_warmup=20,
+    ema_decay=0.995,
+    eval_every=150,
+)
+"""Fine-tuning the shapes-only model (`--init`) to draw words: short stages, low learning rates."""
+
+
+def init_part(recipe: Recipe, name: str, model):
+    """Load part `name` of recipe.init_from into `model` (fp16 weights load as fp32); a text
+    encoder with a larger vocabulary or more positions keeps the old rows and fills the new
+    ones (new tokens: small random; new positions: copies of the last old one)."""
+    if recipe.init_from is None:
+        return model
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    cls = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}[name]
+    old = cls.from_pretrained(str(Path(recipe.init_from) / name)).float().state_dict()
+    new = model.state_dict()
+    for key, value in old.items():
+        if new[key].shape != value.shape:
+            grown = new[key].clone()
+            grown[: value.shape[0]] = value
+            if "position_embedding" in key:
+                grown[value.shape[0] :] = value[-1]
+            old[key] = grown
+    model.load_state_dict(old)
+    return model
 
 
 def log(work: Path, message: str) -> None:
@@ -160,7 +207,7 @@ def load_checkpoint(path: Path) -> dict | None:
 
 
 def train_vae(recipe: Recipe, work: Path):
-    vae = components.build_vae(recipe.sizes)
+    vae = init_part(recipe, "vae", components.build_vae(recipe.sizes))
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     path, step, last_save = work / "vae.pt", 0, time.time()
     if (state := load_checkpoint(path)) is not None:
@@ -349,7 +396,7 @@ def attribute_loss(text_encoder, heads, ids, scenes, eos_id):
 
 
 def train_text(recipe: Recipe, work: Path, tokenizer):
-    text_encoder = components.build_text_encoder(tokenizer, recipe.sizes)
+    text_encoder = init_part(recipe, "text_encoder", components.build_text_encoder(tokenizer, recipe.sizes))
     heads = AttributeHeads(recipe.sizes.text_hidden)
     params = list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.text_lr, weight_decay=0.01)
@@ -546,7 +593,7 @@ def train_unet(
     summary: dict,
 ) -> None:
     vae.register_to_config(scaling_factor=data["scaling_factor"])
-    unet = components.build_unet(recipe.sizes)
+    unet = init_part(recipe, "unet", components.build_unet(recipe.sizes))
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.0)
     path, step, best = work / "unet.pt", 0, -1.0
@@ -650,6 +697,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=None)
     parser.add_argument("--minutes", type=float, default=None, help="stop the UNet stage after this")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init", type=Path, default=None, help="fine-tune this pipeline (FINETUNE recipe)")
     parser.add_argument(
         "--stage",
         choices=("all", "decoder", "package"),
@@ -660,7 +708,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decoder-steps", type=int, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    recipe = SMOKE if args.smoke else Recipe()
+    recipe = SMOKE if args.smoke else FINETUNE if args.init else Recipe()
+    if args.init:
+        recipe = replace(recipe, init_from=str(args.init))
     if args.decoder_steps is not None:
         recipe = replace(recipe, decoder_steps=args.decoder_steps)
     if args.unet_steps is not None:
