@@ -111,6 +111,7 @@ def test_text_captions_quote_the_word_and_held_out_words_are_never_trained():
     from kiln.embedded.scenes import sample_any_scene
 
     assert len(tc.HELD_OUT_WORDS) >= 100 and not set(tc.HELD_OUT_WORDS) & set(tc.TRAINING_WORDS)
+    assert all(map(tc.is_training_word, tc.TRAINING_WORDS)) and not any(map(tc.is_training_word, tc.HELD_OUT_WORDS))
     rng = random.Random(2)
     assert not {tc.training_word(rng) for _ in range(20000)} & set(tc.HELD_OUT_WORDS)
     tok = build_tokenizer()

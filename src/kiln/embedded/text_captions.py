@@ -95,7 +95,7 @@ HELD_OUT_WORDS = tuple(
 TRAINING_WORDS = tuple(
     """
     KILN OPEN STOP SALE EXIT HELLO WORLD CAFE SHOP BANK HOTEL PARK BOOK FIRE LOVE HELP PUSH PULL
-    YES NO OK GO UP ON OFF IN OUT NEW OLD HOT COLD BEST FREE MENU TAXI_ NEAR FAR LEFT RIGHT
+    YES NO OK GO UP ON OFF IN OUT NEW OLD HOT COLD BEST FREE MENU NEAR FAR LEFT RIGHT
     BIRD BOAT CAR CLOCK CODE CORN DESK DRUM FORK GIFT GIRL BOY HAND HEART HORSE JUMP LAND LIGHT
     MAIL MILE NAME NIGHT PAPER PARTY PHONE PLANT RADIO ROOM SEA SHIRT SKY SOUP SPOON SPORT STORE
     STREET TOWN TRUCK WALL WINE WIND WINTER SUMMER AUTUMN PEACE POWER QUIET RED BLUE GREEN BLACK
@@ -127,9 +127,15 @@ def training_word(rng: random.Random) -> str:
             return word
 
 
+def is_training_word(word: str) -> bool:
+    """2–6 capitals A–Z and not held out."""
+    return WORD_LENGTHS[0] <= len(word) <= WORD_LENGTHS[1] and word.isascii() and word.isalpha() \
+        and word.isupper() and not is_held_out_word(word)
+
+
 @lru_cache(maxsize=1)
 def _training_words() -> tuple[str, ...]:
-    return tuple(sorted({w for w in TRAINING_WORDS if not is_held_out_word(w)}))
+    return tuple(sorted({w for w in TRAINING_WORDS if is_training_word(w)}))
 
 
 def quoted(word: str) -> str:

@@ -48,7 +48,7 @@ from kiln.embedded.scenes import (
     sample_text_scene,
     scene_batch,
 )
-from kiln.embedded.text_captions import HELD_OUT_WORDS, describe, training_word
+from kiln.embedded.text_captions import HELD_OUT_WORDS, describe, is_training_word, training_word
 
 MODEL_DIR = Path(__file__).parent / "model"
 WORK_DIR = Path("var/embedded-train")
@@ -606,8 +606,11 @@ def train_unet(
     noise_scheduler = components.build_train_scheduler()
     alphas = noise_scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
-    latents = data["latents"] * data["scaling_factor"]
+    # Only scenes whose word is a training word (a cache from an older word list may hold others).
     scenes = [Scene(**s) for s in data["scenes"]]
+    keep = [i for i, s in enumerate(scenes) if s.word is None or is_training_word(s.word)]
+    latents = data["latents"][keep] * data["scaling_factor"]
+    scenes = [scenes[i] for i in keep]
     with torch.no_grad():
         empty = text_encoder(tokenize(tokenizer, [""])).last_hidden_state
     eval_set = held_out_prompts(recipe, recipe.eval_prompts)
