@@ -67,7 +67,6 @@ def test_unknown_words_and_empty_prompts_do_not_crash(pipe):
 
 def test_saved_tokenizer_spells_quoted_words(pipe):
     tok = pipe.tokenizer
-    assert type(tok).__name__ == "PreTrainedTokenizerFast"
     tokens = tok.convert_ids_to_tokens(tok('a sign that says "QUIZ" on a red background').input_ids)
     assert tokens[5:11] == ['"', "q", "u", "i", "z", '"'] and tok.unk_token not in tokens
 
