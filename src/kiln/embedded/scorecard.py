@@ -139,6 +139,17 @@ def seconds_per_image(pipe, steps: int, guidance: float, batch: int, repeats: in
     return (time.perf_counter() - start) / n, (time.process_time() - cpu) / n / torch.get_num_threads()
 
 
+def one_thread(measure):
+    """Run `measure` with torch on one thread: on shared cores its CPU time is not inflated by
+    threads spinning while they wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def sample_grid(images, texts, path: Path, cell: int = 256, cols: int = 4) -> None:
     font = ImageFont.load_default(size=13)
     text_h = 60
@@ -204,6 +215,7 @@ def measure(pipe, defaults: dict, model_dir: Path, n: int, sweep_n: int, n_words
         "demo": [(p, read_word(i, s) if s.word else "") for i, (p, s) in zip(demo_images, COMPOSER_PROMPTS)],
         "s_batch1": seconds_per_image(pipe, steps, guidance, 1, 10),
         "s_batch16": seconds_per_image(pipe, steps, guidance, 16, 1),
+        "s_batch1_one_thread": one_thread(lambda: seconds_per_image(pipe, steps, guidance, 1, 5)),
         "disk_mb": disk_mb(model_dir),
         "parameters": parameters(pipe),
         "n_phrasings": len(phrasings("train")) + len(phrasings("held_out")),

@@ -45,8 +45,9 @@ def shortfalls(result: dict) -> list[str]:
         out.append(f"held-out words read back exactly {_pct(words['words'])} < {_pct(TARGET_WORDS)}")
     if words["letters"] < TARGET_LETTERS:
         out.append(f"held-out letters read back {_pct(words['letters'])} < {_pct(TARGET_LETTERS)}")
-    if result["s_batch1"][1] >= TARGET_SECONDS:
-        out.append(f"{result['s_batch1'][1]:.3f} CPU s per image at batch 1 is over {TARGET_SECONDS} s")
+    one = result.get("s_batch1_one_thread", result["s_batch1"])[1]
+    if one >= TARGET_SECONDS:
+        out.append(f"{one:.3f} CPU s per image at batch 1 is over {TARGET_SECONDS} s")
     if result["disk_mb"] > TARGET_MB:
         out.append(f"{result['disk_mb']:.1f} MB on disk is over {TARGET_MB} MB")
     return out
@@ -85,6 +86,11 @@ def write_doc(path: Path, result: dict, analysis: str = "") -> None:
         f"{tr.get('text_seconds', 0) / 60:.0f} min, UNet {tr.get('unet_seconds', 0) / 60:.0f} min"
     )
     centre = POSITION_FORMS["centre"]
+    legible = "" if wh["words"] >= TARGET_WORDS else (
+        f"**The words are not legible yet**: {_pct(wh['words'])} of held-out words read back (see the scorecard). "
+        "The model draws the sign, or the band of text, in the right place and colours, without "
+        "readable letters.\n\n"
+    )
     init_line = (
         "The shipped weights were fine-tuned from the shapes-only model (the one in "
         "`src/kiln/embedded/model/` before words)." if recipe.get("init_from") else ""
@@ -101,7 +107,7 @@ one of four kinds of picture, always on a flat background of one of **8 colours*
 - a **sign that says** a word (a white sign unless a colour is given);
 - a **word alone** in a given colour.
 
-A word is **2–6 capital letters A–Z in double quotes** (`"KILN"`); the tokenizer spells it letter by
+{legible}A word is **2–6 capital letters A–Z in double quotes** (`"KILN"`); the tokenizer spells it letter by
 letter, so any such word can be asked for, including words never seen in training. Any other words
 map to an unknown token and are ignored.
 
@@ -181,8 +187,9 @@ The composer's phrasings (seed 0), read back:
 |---|---|---|
 | held-out words read exactly | {_pct(wh["words"])} | ≥ {_pct(TARGET_WORDS)} |
 | held-out letters read | {_pct(wh["letters"])} | ≥ {_pct(TARGET_LETTERS)} |
-| seconds per image, batch 1 ({d["steps"]} steps, guidance {d["guidance_scale"]}, 2 threads): CPU time / 2 threads (wall time on the shared cores) | {result["s_batch1"][1]:.3f} s ({result["s_batch1"][0]:.3f} s) | < {TARGET_SECONDS} s |
-| seconds per image, batch 16: the same | {result["s_batch16"][1]:.3f} s ({result["s_batch16"][0]:.3f} s) | |
+| seconds per image, batch 1 ({d["steps"]} steps, guidance {d["guidance_scale"]}), 2 threads: CPU time / 2 threads (wall time on the shared cores; both inflated by threads spinning while they wait) | {result["s_batch1"][1]:.3f} s ({result["s_batch1"][0]:.3f} s) | |
+| seconds per image, batch 1, 1 thread: CPU time (wall time) | {result.get("s_batch1_one_thread", [0, 0])[1]:.3f} s ({result.get("s_batch1_one_thread", [0, 0])[0]:.3f} s) | < {TARGET_SECONDS} s |
+| seconds per image, batch 16: CPU time / 2 threads (wall time) | {result["s_batch16"][1]:.3f} s ({result["s_batch16"][0]:.3f} s) | |
 | size on disk | {result["disk_mb"]:.1f} MB | ≤ {TARGET_MB:.0f} MB |
 | parameters | {sum(params.values()) / 1e6:.2f} M (UNet {params["unet"] / 1e6:.2f} M, VAE {params["vae"] / 1e6:.2f} M, text encoder {params["text_encoder"] / 1e6:.2f} M) | |
 
