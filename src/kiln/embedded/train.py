@@ -32,37 +32,21 @@ import torch.nn.functional as F
 from kiln.embedded import components
 from kiln.embedded.analyze import ATTRIBUTES, read_image, score
 from kiln.embedded.ocr import letter_accuracy, read_word
-from kiln.embedded.scenes import (
-    COLORS,
-    KINDS,
-    LETTERS,
-    NATIVE_SIZE,
-    PALETTE,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    WORD_LENGTHS,
-    Scene,
-    sample_any_scene,
-    sample_scene,
-    sample_text_scene,
-    scene_batch,
+from kiln.embedded.scenes import NATIVE_SIZE, PALETTE, Scene, sample_scene, sample_text_scene, scene_batch
+from kiln.embedded.text_captions import HELD_OUT_WORDS, describe, is_training_word
+from kiln.embedded.train_kit import (
+    Budget,
+    init_part,
+    load_checkpoint,
+    log,
+    save_checkpoint,
+    step_rng,
+    training_scenes,
 )
-from kiln.embedded.text_captions import HELD_OUT_WORDS, describe, is_training_word, training_word
+from kiln.embedded.train_text import tokenize, train_text
 
 MODEL_DIR = Path(__file__).parent / "model"
 WORK_DIR = Path("var/embedded-train")
-ATTRIBUTE_VALUES = {
-    "kind": KINDS,
-    "color": COLORS,
-    "background": COLORS,
-    "shape": SHAPES,
-    "position": POSITIONS,
-    "size": SIZES,
-}
-SLOTS = WORD_LENGTHS[1]
-"""Letter heads of the text encoder's grounding: one per letter of the word, 27 classes (A-Z, none)."""
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -138,71 +122,6 @@ FINETUNE = Recipe(
 """Fine-tuning the shapes-only model (`--init`) to draw words: short stages, low learning rates."""
 
 
-def init_part(recipe: Recipe, name: str, model):
-    """Load part `name` of recipe.init_from into `model` (fp16 weights load as fp32); a text
-    encoder with a larger vocabulary or more positions keeps the old rows and fills the new
-    ones (new tokens: small random; new positions: copies of the last old one)."""
-    if recipe.init_from is None:
-        return model
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    cls = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}[name]
-    old = cls.from_pretrained(str(Path(recipe.init_from) / name)).float().state_dict()
-    new = model.state_dict()
-    for key, value in old.items():
-        if new[key].shape != value.shape:
-            grown = new[key].clone()
-            grown[: value.shape[0]] = value
-            if "position_embedding" in key:
-                grown[value.shape[0] :] = value[-1]
-            old[key] = grown
-    model.load_state_dict(old)
-    return model
-
-
-def log(work: Path, message: str) -> None:
-    line = f"{time.strftime('%H:%M:%S')} {message}"
-    print(line, flush=True)
-    with open(work / "train.log", "a") as f:
-        f.write(line + "\n")
-
-
-def step_rng(recipe: Recipe, stage: str, step: int) -> tuple[random.Random, torch.Generator]:
-    """Per-step randomness derived from (seed, stage, step), so a resumed run draws the same data."""
-    rng = random.Random(f"{recipe.seed}-{stage}-{step}")
-    return rng, torch.Generator().manual_seed(rng.getrandbits(63))
-
-
-class Budget:
-    """A stage's progress in [0, 1]: the larger of steps done / planned and minutes spent /
-    allowed, so a stage on a busy machine ends on time with its learning rate run down. Time
-    spent is kept in the checkpoint, so a resumed stage keeps its clock."""
-
-    def __init__(self, steps: int, minutes: float | None, spent_s: float = 0.0):
-        self.steps, self.budget_s, self.spent_s, self.mark = steps, (minutes or 0) * 60, spent_s, time.time()
-
-    def spent(self) -> float:
-        return self.spent_s + time.time() - self.mark
-
-    def progress(self, step: int) -> float:
-        by_time = self.spent() / self.budget_s if self.budget_s else 0.0
-        return min(1.0, max(step / self.steps, by_time))
-
-    def done(self, step: int) -> bool:
-        return self.progress(step) >= 1.0
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict | None:
-    return torch.load(path, weights_only=False) if path.exists() else None
-
-
 # --- stage 1: autoencoder -------------------------------------------------------------------
 
 
@@ -239,11 +158,6 @@ def train_vae(recipe: Recipe, work: Path):
             save_checkpoint(path, state)
             last_save = time.time()
     return vae.eval().requires_grad_(False)
-
-
-def training_scenes(rng: random.Random, n: int) -> list[Scene]:
-    """Scenes of every kind; the words are training words (never a held-out one)."""
-    return [sample_any_scene(rng, training_word) for _ in range(n)]
 
 
 def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
@@ -321,126 +235,6 @@ def polish_decoder(recipe: Recipe, work: Path, vae):
             save_checkpoint(path, state)
             last_save = time.time()
     return vae.eval().requires_grad_(False)
-
-
-# --- stage 2: text encoder ------------------------------------------------------------------
-
-
-class AttributeHeads(torch.nn.Module):
-    """Linear read-outs of each scene attribute, and of each letter of the word, from a text hidden
-    state; training only."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        heads = {name: torch.nn.Linear(hidden, len(values)) for name, values in ATTRIBUTE_VALUES.items()}
-        heads |= {f"letter{i}": torch.nn.Linear(hidden, len(LETTERS) + 1) for i in range(SLOTS)}
-        self.heads = torch.nn.ModuleDict(heads)
-
-    def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: head(hidden) for name, head in self.heads.items()}
-
-
-def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        texts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
-def _target(scene: Scene, name: str, values) -> int:
-    if name in ("shape", "position", "size") and scene.kind in ("sign", "word"):
-        return -100  # not said by the caption
-    return values.index(getattr(scene, name))
-
-
-def attribute_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
-    out = {
-        name: torch.tensor([_target(s, name, values) for s in scenes]) for name, values in ATTRIBUTE_VALUES.items()
-    }
-    for i in range(SLOTS):
-        out[f"letter{i}"] = torch.tensor(
-            [LETTERS.index(s.word[i]) if s.word and i < len(s.word) else len(LETTERS) for s in scenes]
-        )
-    return out
-
-
-def text_batch(recipe, tokenizer, rng, split, n):
-    if split == "train":
-        scenes = training_scenes(rng, n)
-    else:  # held-out phrasings, and held-out words for the text kinds
-        scenes = [
-            sample_scene(rng) if i % 2 else sample_text_scene(rng, rng.choice(HELD_OUT_WORDS)) for i in range(n)
-        ]
-    ids = tokenize(tokenizer, [describe(s, rng, split) for s in scenes])
-    return scenes, ids
-
-
-def attribute_loss(text_encoder, heads, ids, scenes, eos_id):
-    """Cross-entropy of every attribute at <eos> and every pad after it: under CLIP's causal mask
-    those are the positions that have read the whole caption, and the UNet attends to all of them."""
-    hidden = text_encoder(ids).last_hidden_state
-    eos_pos = (ids == eos_id).int().argmax(dim=1)
-    full = torch.arange(ids.shape[1])[None, :] >= eos_pos[:, None]
-    logits = heads(hidden[full])
-    counts = full.sum(dim=1)
-    loss, correct = 0.0, {}
-    for name, target in attribute_targets(scenes).items():
-        loss = loss + F.cross_entropy(logits[name], target.repeat_interleave(counts), ignore_index=-100)
-        at_eos = heads.heads[name](hidden[torch.arange(len(ids)), eos_pos])
-        known = target != -100
-        correct[name] = (at_eos.argmax(dim=1) == target)[known].float().mean().item()
-    return loss, correct
-
-
-def train_text(recipe: Recipe, work: Path, tokenizer):
-    text_encoder = init_part(recipe, "text_encoder", components.build_text_encoder(tokenizer, recipe.sizes))
-    heads = AttributeHeads(recipe.sizes.text_hidden)
-    params = list(text_encoder.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe.text_lr, weight_decay=0.01)
-    path, step, last_save = work / "text.pt", 0, time.time()
-    if (state := load_checkpoint(path)) is not None:
-        text_encoder.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-    budget = Budget(recipe.text_steps, recipe.text_minutes, state["spent"] if state else 0.0)
-    start = time.time()
-    while not budget.done(step):
-        rng, _ = step_rng(recipe, "text", step)
-        torch.manual_seed(rng.getrandbits(63))  # dropout inside the encoder
-        scenes, ids = text_batch(recipe, tokenizer, rng, "train", recipe.text_batch)
-        for group in opt.param_groups:
-            group["lr"] = (
-                recipe.text_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * budget.progress(step)))
-            )
-        loss, _ = attribute_loss(text_encoder, heads, ids, scenes, tokenizer.eos_token_id)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % 100 == 0 or budget.done(step):
-            with torch.no_grad():
-                rng = random.Random(f"{recipe.seed}-text-eval")
-                scenes, ids = text_batch(recipe, tokenizer, rng, "held_out", 512)
-                _, held = attribute_loss(text_encoder, heads, ids, scenes, tokenizer.eos_token_id)
-            accs = " ".join(f"{k} {v:.2f}" for k, v in held.items())
-            log(work, f"text step {step} loss {loss.item():.4f} held-out {accs} ({time.time() - start:.0f}s)")
-        if budget.done(step) or time.time() - last_save > recipe.checkpoint_every_s:
-            save_checkpoint(
-                path,
-                {
-                    "model": text_encoder.state_dict(),
-                    "heads": heads.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                    "spent": recipe.text_minutes * 60 if budget.done(step) else budget.spent(),
-                },
-            )
-            last_save = time.time()
-    return text_encoder.eval().requires_grad_(False)
 
 
 # --- stage 3: UNet --------------------------------------------------------------------------
