@@ -75,3 +75,61 @@ def test_tokenizer_covers_the_grammar_and_maps_other_words_to_unk():
     assert tok.unk_token_id in ids[0].tolist()
     empty = tok("", padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids[0]
     assert empty[:2].tolist() == [tok.bos_token_id, tok.eos_token_id]
+
+
+def test_the_composers_phrasings_are_trained_exactly():
+    from kiln.embedded import text_captions as tc
+    from kiln.embedded.captions import CANONICAL
+
+    assert not is_held_out(CANONICAL) and CANONICAL in phrasings("train")
+    rng = FirstChoice()
+    assert caption(Scene("red", "circle", "left", "large", "blue"), CANONICAL, rng) == (
+        "a large red circle on the left on a blue background"
+    )
+    assert caption(Scene("red", "circle", "centre", "large", "blue"), CANONICAL, rng) == (
+        "a large red circle on the centre on a blue background"
+    )
+    word_scene = Scene("red", "circle", "top", "small", "blue", "KILN", "white", "shape_word")
+    assert not tc.shape_word_held_out(CANONICAL, 0)
+    assert tc.shape_word_caption(word_scene, CANONICAL, 0, rng) == (
+        'a small red circle on the top with the word "KILN" on it, on a blue background'
+    )
+    sign, word = tc.CANONICAL_TEXT
+    assert sign in tc.text_phrasings("sign", "train") and word in tc.text_phrasings("word", "train")
+    white = Scene("white", "sign", "centre", "large", "green", "KILN", "black", "sign")
+    red = Scene("red", "sign", "centre", "large", "green", "KILN", "white", "sign")
+    texts = {tc.text_caption(white, sign, random.Random(i)) for i in range(20)}
+    assert texts == {'a sign that says "KILN" on a green background', 'a white sign that says "KILN" on a green background'}
+    assert tc.text_caption(red, sign, rng) == 'a red sign that says "KILN" on a green background'
+    alone = Scene("red", "text", "centre", "large", "green", "KILN", "red", "word")
+    assert tc.text_caption(alone, word, rng) == 'the word "KILN" in red on a green background'
+
+
+def test_text_captions_quote_the_word_and_held_out_words_are_never_trained():
+    from kiln.embedded import text_captions as tc
+    from kiln.embedded.components import MAX_TOKENS, build_tokenizer
+    from kiln.embedded.scenes import sample_any_scene
+
+    assert len(tc.HELD_OUT_WORDS) >= 100 and not set(tc.HELD_OUT_WORDS) & set(tc.TRAINING_WORDS)
+    assert all(map(tc.is_training_word, tc.TRAINING_WORDS)) and not any(map(tc.is_training_word, tc.HELD_OUT_WORDS))
+    rng = random.Random(2)
+    assert not {tc.training_word(rng) for _ in range(20000)} & set(tc.HELD_OUT_WORDS)
+    tok = build_tokenizer()
+    for split in ("train", "held_out"):
+        for _ in range(300):
+            scene = sample_any_scene(rng, tc.training_word)
+            text = tc.describe(scene, rng, split)
+            ids = tok(text).input_ids
+            assert tok.unk_token_id not in ids and len(ids) <= MAX_TOKENS, text
+            if scene.word:
+                assert f'"{scene.word}"' in text and any(w in text for w in COLOR_WORDS[scene.background])
+
+
+def test_tokenizer_spells_quoted_words_letter_by_letter():
+    from kiln.embedded.components import build_tokenizer
+
+    tok = build_tokenizer()
+    tokens = tok.convert_ids_to_tokens(tok('a sign that says "ZEBRA" on a green background').input_ids)
+    assert tokens[5:12] == ['"', "z", "e", "b", "r", "a", '"']
+    assert tok.unk_token_id not in tok("the word \u201cQUIZ\u201d in red on a black background").input_ids
+    assert tok("the word zebra").input_ids[-2] == tok.unk_token_id  # unquoted, it is just an unknown word

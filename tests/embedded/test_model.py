@@ -39,7 +39,7 @@ def test_serving_defaults_and_size_on_disk():
     assert 1 <= defaults["steps"] <= 50 and defaults["guidance_scale"] >= 1.0
     assert defaults["scheduler"]
     size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
-    assert size <= 20e6
+    assert size <= 30e6
     assert list(MODEL.rglob("*.safetensors"))
 
 
@@ -61,8 +61,14 @@ def test_unknown_words_and_empty_prompts_do_not_crash(pipe):
     )
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
     assert _generate(pipe, "", num_inference_steps=2).shape == (1, 64, 64, 3)
-    long = " ".join(["a red circle on the left"] * 20)  # longer than the tokenizer's window
+    long = " ".join(['a sign that says "ABCDEF" on the left'] * 20)  # longer than the tokenizer's window
     assert _generate(pipe, long, num_inference_steps=2).shape == (1, 64, 64, 3)
+
+
+def test_saved_tokenizer_spells_quoted_words(pipe):
+    tok = pipe.tokenizer
+    tokens = tok.convert_ids_to_tokens(tok('a sign that says "QUIZ" on a red background').input_ids)
+    assert tokens[5:11] == ['"', "q", "u", "i", "z", '"'] and tok.unk_token not in tokens
 
 
 def test_edit_pipelines_share_its_components(pipe):

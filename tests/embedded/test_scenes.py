@@ -3,7 +3,20 @@ import random
 import numpy as np
 
 from kiln.embedded.analyze import read_image, score
-from kiln.embedded.scenes import COLORS, PALETTE, all_scenes, draw_scene, sample_scene, scene_batch
+from kiln.embedded.scenes import (
+    COLORS,
+    LATENT_GRID,
+    LETTER_PITCH,
+    NATIVE_SIZE,
+    PALETTE,
+    all_scenes,
+    draw_scene,
+    random_word,
+    sample_scene,
+    sample_text_scene,
+    scene_batch,
+    text_box,
+)
 
 
 def test_vocabulary_of_scenes():
@@ -17,14 +30,14 @@ def test_draw_is_native_size_and_uses_the_palette():
     rng = random.Random(0)
     scene = sample_scene(rng)
     image = draw_scene(scene, rng)
-    assert image.size == (64, 64)
+    assert image.size == (NATIVE_SIZE, NATIVE_SIZE) == (64, 64)
     assert tuple(np.asarray(image)[0, 0]) == PALETTE[scene.background]
 
 
 def test_scene_batch_is_in_unit_range():
     rng = random.Random(1)
     batch = scene_batch([sample_scene(rng) for _ in range(3)], rng)
-    assert batch.shape == (3, 3, 64, 64)
+    assert batch.shape == (3, 3, NATIVE_SIZE, NATIVE_SIZE)
     assert batch.min() >= -1.0 and batch.max() <= 1.0
 
 
@@ -36,3 +49,35 @@ def test_pixel_analysis_reads_drawn_scenes_back():
         scene = sample_scene(rng)
         wrong += sum(not ok for ok in score(read_image(draw_scene(scene, rng)), scene).values())
     assert wrong <= 2
+
+
+def test_words_sit_on_the_latent_grid_inside_the_picture():
+    for word in ("AB", "KILN", "ABCDEF"):
+        for centre in ((0.5, 0.5), (0.28, 0.5), (0.72, 0.72), (0.0, 1.0)):
+            x0, y0, x1, y1 = text_box(word, centre)
+            assert (x1 - x0, y1 - y0) == (LETTER_PITCH * len(word), LETTER_PITCH)
+            assert x0 % LATENT_GRID == 0 and y0 % LATENT_GRID == 0
+            assert 0 < x0 and x1 < NATIVE_SIZE and 0 < y0 and y1 < NATIVE_SIZE
+
+
+def test_text_scenes_draw_their_letters_in_their_colour():
+    rng = random.Random(3)
+    for kind in ("shape_word", "sign", "word"):
+        scene = sample_text_scene(rng, random_word(rng), kind)
+        assert scene.kind == kind and 2 <= len(scene.word) <= 6 and scene.word.isupper()
+        assert scene.text_color not in (scene.background,) and (kind == "word" or scene.text_color != scene.color)
+        pixels = np.asarray(draw_scene(scene, rng)).reshape(-1, 3).astype(int)
+        near = (np.abs(pixels - PALETTE[scene.text_color]).max(axis=1) < 10).sum()
+        assert near >= 6 * len(scene.word), (scene, near)
+
+
+def test_the_word_reader_reads_true_drawings():
+    # Calibration: on the drawer's own pictures Tesseract must read (nearly) every word.
+    from kiln.embedded.ocr import read_word
+    from kiln.embedded.text_captions import HELD_OUT_WORDS
+
+    rng = random.Random(4)
+    words = rng.sample(HELD_OUT_WORDS, 12)
+    scenes = [sample_text_scene(rng, w, ("shape_word", "sign", "word")[i % 3]) for i, w in enumerate(words)]
+    read = [read_word(draw_scene(s, rng), s) for s in scenes]
+    assert sum(r == w for r, w in zip(read, words)) >= 11, list(zip(words, read))

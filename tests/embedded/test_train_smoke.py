@@ -11,10 +11,11 @@ def test_smoke_training_writes_a_loadable_pipeline_and_resumes(tmp_path):
     assert {"vae.pt", "text.pt", "unet.pt", "latents.pt", "train.log"} <= {p.name for p in work.iterdir()}
     defaults = json.loads((out / "kiln.json").read_text())
     assert defaults["native_size"] == 64 and defaults["scheduler"]
+    assert len(defaults["latent_rgb_factors"]) == 4 and len(defaults["latent_rgb_bias"]) == 3
 
     pipe = DiffusionPipeline.from_pretrained(str(out), local_files_only=True)
     assert type(pipe).__name__ == "StableDiffusionPipeline"
-    image = pipe("a red circle", num_inference_steps=1, output_type="np").images[0]
+    image = pipe('a sign that says "KILN"', num_inference_steps=1, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
 
     # A second run finds every stage finished and trains nothing more.

@@ -8,11 +8,13 @@ held out by a stable hash, so the scorecard can ask the model for sentences it n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import random
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from kiln.embedded.scenes import COLORS, SHAPES, Scene
 
@@ -46,6 +48,7 @@ POSITION_FORMS: dict[str, tuple[str, ...]] = {
         "on the left side",
         "in the left half",
         "on the left-hand side",
+        "on the left",
     ),
     "right": (
         "on the right",
@@ -54,6 +57,7 @@ POSITION_FORMS: dict[str, tuple[str, ...]] = {
         "on the right side",
         "in the right half",
         "on the right-hand side",
+        "on the right",
     ),
     "top": (
         "at the top",
@@ -62,6 +66,7 @@ POSITION_FORMS: dict[str, tuple[str, ...]] = {
         "at the top edge",
         "in the upper half",
         "at the top of the picture",
+        "on the top",
     ),
     "bottom": (
         "at the bottom",
@@ -70,6 +75,7 @@ POSITION_FORMS: dict[str, tuple[str, ...]] = {
         "at the bottom edge",
         "in the lower half",
         "at the bottom of the picture",
+        "on the bottom",
     ),
     "centre": (
         "in the centre",
@@ -78,9 +84,12 @@ POSITION_FORMS: dict[str, tuple[str, ...]] = {
         "at the centre",
         "in the middle of the picture",
         "right in the middle",
+        "on the centre",
     ),
 }
-N_POSITION_FORMS = 6
+N_POSITION_FORMS = 7
+CANONICAL_POSITION_FORM = 6
+"""`on the {position}`: the form the prompt composer writes (`on the centre` included)."""
 # Noun-phrase forms for the object: {a} is the article, {s} size, {c} colour, {n} shape.
 NOUN_FORMS = (
     "{a} {s} {c} {n}",
@@ -185,18 +194,43 @@ def all_phrasings() -> list[Phrasing]:
     return out
 
 
-def is_held_out(phrasing: Phrasing) -> bool:
-    """A stable split: the same phrasings are held out on every machine and every run."""
-    digest = hashlib.sha256(phrasing.key.encode()).digest()
+CANONICAL = Phrasing(0, 0, 0, CANONICAL_POSITION_FORM, 0, 0)
+"""`a {size} {color} {shape} on the {position} on a {background} background`: always trained."""
+
+
+def hash_held_out(key: str) -> bool:
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:4], "big") % 100 < HELD_OUT_PERCENT
+
+
+def is_held_out(phrasing: Phrasing) -> bool:
+    """A stable split: the same phrasings are held out on every machine and every run.
+
+    Position form 0 and the canonical form say the same for left and right ("on the left"), so
+    twins that differ only in those two forms are held out together or not at all: no held-out
+    sentence is ever one a training phrasing makes."""
+    if phrasing.position not in (0, CANONICAL_POSITION_FORM):
+        return hash_held_out(phrasing.key)
+    twins = [dataclasses.replace(phrasing, position=k) for k in (0, CANONICAL_POSITION_FORM)]
+    return CANONICAL not in twins and all(hash_held_out(t.key) for t in twins)
+
+
+@lru_cache(maxsize=2)
+def _phrasings(split: str) -> tuple[Phrasing, ...]:
+    want = split == "held_out"
+    return tuple(p for p in all_phrasings() if is_held_out(p) == want)
 
 
 def phrasings(split: str) -> list[Phrasing]:
     """The phrasings of one split: "train" or "held_out"."""
     if split not in ("train", "held_out"):
         raise ValueError(f"unknown split {split!r}")
-    want = split == "held_out"
-    return [p for p in all_phrasings() if is_held_out(p) == want]
+    return list(_phrasings(split))
+
+
+@lru_cache(maxsize=1)
+def all_phrasings_cached() -> tuple[Phrasing, ...]:
+    return tuple(all_phrasings())
 
 
 def _article(next_word: str) -> str:
@@ -236,7 +270,7 @@ def sample_caption(
     scene: Scene, rng: random.Random, split: str = "train", pool: list[Phrasing] | None = None
 ) -> str:
     """A caption for `scene` in a random phrasing of `split`."""
-    return caption(scene, rng.choice(pool if pool is not None else phrasings(split)), rng)
+    return caption(scene, rng.choice(pool if pool is not None else _phrasings(split)), rng)
 
 
 def vocabulary_texts() -> list[str]:

@@ -7,11 +7,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import string
+
+from kiln.embedded import text_captions
 from kiln.embedded.captions import vocabulary_texts
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-MAX_TOKENS = 32
-"""Tokens per prompt, with <bos> and <eos>; the longest caption of the grammar is well under."""
+MAX_TOKENS = 48
+"""Tokens per prompt, with <bos> and <eos>; the longest caption of the grammar, its quoted word
+spelt letter by letter, is under."""
+LATENT_CHANNELS = 4
+LATENT_FACTOR = 4
+"""64x64 pictures <-> 16x16x4 latents (4 channels, so the stock inpainting pipeline takes the
+UNet as a legacy inpainting model)."""
 
 
 @dataclass(frozen=True)
@@ -40,14 +48,35 @@ TINY = Sizes(
 def _backend_tokenizer():
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
+    from tokenizers import Regex
+
     pre = pre_tokenizers.Whitespace()
-    words = sorted({w for text in vocabulary_texts() for w, _ in pre.pre_tokenize_str(text.lower())})
-    vocab = {tok: i for i, tok in enumerate([PAD, UNK, BOS, EOS, *words])}
+    def words(texts):
+        return {w for text in texts for w, _ in pre.pre_tokenize_str(text.lower())}
+
+    # The shape grammar's words keep the ids they had before words were drawn (the shipped text
+    # encoder was fine-tuned from that model); the new words and the letters follow.
+    shape_words = sorted(words(vocabulary_texts()))
+    new = words(text_captions.vocabulary_texts()) | set(string.ascii_lowercase) | {'"'}
+    tokens = [PAD, UNK, BOS, EOS, *shape_words, *sorted(new - set(shape_words))]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Sequence(
-        [normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase()]
+        [
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Replace(Regex("[\u201c\u201d\u201e]"), '"'),
+            normalizers.Lowercase(),
+        ]
     )
-    tok.pre_tokenizer = pre
+    # A quoted run of letters is spelt: `"kiln"` -> `"` k i l n `"`; other text splits into words.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex('"[^"]*"'), behavior="isolated"),
+            pre_tokenizers.Split(Regex('[a-z](?=[a-z]*")'), behavior="isolated"),
+            pre,
+        ]
+    )
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
     )
@@ -55,7 +84,8 @@ def _backend_tokenizer():
 
 
 def build_tokenizer():
-    """A word-level tokenizer over the grammar's vocabulary; any other word becomes <unk>."""
+    """A word-level tokenizer over the grammar's vocabulary, spelling quoted words letter by letter
+    (so a word never seen in training is still 4 known letters); any other word becomes <unk>."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
@@ -88,14 +118,15 @@ def build_text_encoder(tokenizer, sizes: Sizes = FULL):
 
 
 def build_vae(sizes: Sizes = FULL):
-    """64x64x3 <-> 16x16x4: two downsamplings, no attention (flat-colour scenes do not need it)."""
+    """64x64x3 <-> 16x16x4: two downsamplings, no attention (flat colours and one font do not
+    need it)."""
     from diffusers import AutoencoderKL
 
     n = len(sizes.vae_channels)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
+        latent_channels=LATENT_CHANNELS,
         sample_size=64,
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
@@ -107,14 +138,15 @@ def build_vae(sizes: Sizes = FULL):
 
 
 def build_unet(sizes: Sizes = FULL):
-    """A small UNet on 16x16x4 latents. The text reaches it twice: by cross-attention, and pooled
-    into the time embedding (`addition_embed_type="text"`), which needs no extra pipeline inputs."""
+    """A small UNet on 16x16x4 latents. The text reaches it twice: by cross-attention at 8x8 and
+    4x4, and pooled into the time embedding (`addition_embed_type="text"`), which needs no extra
+    pipeline inputs."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
         layers_per_block=1,
         block_out_channels=sizes.unet_channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

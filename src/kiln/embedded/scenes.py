@@ -1,16 +1,21 @@
-"""Procedural scenes: one flat-coloured shape on a flat background, drawn anti-aliased.
+"""Procedural scenes: one flat-coloured shape on a flat background, a sign, or a word, drawn
+anti-aliased.
 
-A scene is the ground truth that captions describe and the scorecard checks against.
+A scene is the ground truth that captions describe and the scorecard checks against. Words are
+2–6 capital letters in the font that ships with Pillow, drawn one letter to a 9-pixel cell, the
+word's box starting on the autoencoder's 4-pixel latent grid.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import string
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 NATIVE_SIZE = 64
 _SUPERSAMPLE = 4
@@ -29,6 +34,20 @@ COLORS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
 SIZES = ("small", "large")
+KINDS = ("shape", "shape_word", "sign", "word")
+"""A plain shape; a shape with a word on it; a sign that says a word; a word on the background."""
+KIND_WEIGHTS = (0.4, 0.2, 0.2, 0.2)
+LETTERS = string.ascii_uppercase
+WORD_LENGTHS = (2, 6)
+LATENT_GRID = 4
+"""Native pixels per latent cell (the autoencoder's downsampling)."""
+LETTER_PITCH = 9
+"""Native pixels per letter cell (a little over two latent cells)."""
+FONT_SIZE = 11
+"""Pillow's default font at this size: capitals about 8 native pixels tall."""
+STROKE = 0.5
+"""Extra stroke width in native pixels, so letters stay bold enough for the autoencoder."""
+DARK_COLORS = frozenset({"red", "green", "blue", "purple", "black"})
 
 # Centre of the object for each position, as a fraction of the image side.
 POSITION_CENTRES: dict[str, tuple[float, float]] = {
@@ -39,7 +58,7 @@ POSITION_CENTRES: dict[str, tuple[float, float]] = {
     "centre": (0.5, 0.5),
 }
 # Half the object's extent, as a fraction of the image side. Objects are big enough to stay
-# several latent pixels wide after the autoencoder's 4x downsampling, so shape survives.
+# several latent pixels wide after the autoencoder's downsampling, so shape survives.
 SIZE_RADII: dict[str, float] = {"small": 0.12, "large": 0.22}
 POSITION_JITTER = 0.03
 RADIUS_JITTER = (0.9, 1.1)
@@ -47,14 +66,26 @@ RADIUS_JITTER = (0.9, 1.1)
 
 @dataclass(frozen=True)
 class Scene:
+    """What a picture shows. For a sign, `color` is the sign's colour; for a word alone, the
+    letters' colour. `word` and `text_color` are set for every kind but "shape"."""
+
     color: str
     shape: str
     position: str
     size: str
     background: str
+    word: str | None = None
+    text_color: str | None = None
+    kind: str = "shape"
+
+
+def contrast_color(color: str) -> str:
+    """The letter colour on a sign or shape of `color`: white on dark colours, black on light."""
+    return "white" if color in DARK_COLORS else "black"
 
 
 def sample_scene(rng: random.Random) -> Scene:
+    """A plain shape scene (today's attributes only)."""
     color = rng.choice(COLORS)
     background = rng.choice([c for c in COLORS if c != color])
     return Scene(
@@ -66,18 +97,71 @@ def sample_scene(rng: random.Random) -> Scene:
     )
 
 
-def draw_scene(scene: Scene, rng: random.Random | None = None, size: int = NATIVE_SIZE) -> Image.Image:
-    """Draw a scene; with `rng`, jitter the position and size a little so no two draws are equal."""
-    big = size * _SUPERSAMPLE
-    image = Image.new("RGB", (big, big), PALETTE[scene.background])
-    draw = ImageDraw.Draw(image)
-    cx, cy = POSITION_CENTRES[scene.position]
-    radius = SIZE_RADII[scene.size]
-    if rng is not None:
-        cx += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
-        cy += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
-        radius *= rng.uniform(*RADIUS_JITTER)
-    cx, cy, r = cx * big, cy * big, radius * big
+def random_word(rng: random.Random) -> str:
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(*WORD_LENGTHS)))
+
+
+def sample_text_scene(rng: random.Random, word: str, kind: str | None = None) -> Scene:
+    """A scene of kind "shape_word", "sign" or "word" (random when `kind` is None) showing `word`."""
+    kind = kind or rng.choice(KINDS[1:])
+    if kind == "shape_word":
+        base = sample_scene(rng)
+        text = contrast_color(base.color)
+        background = rng.choice([c for c in COLORS if c not in (base.color, text)])
+        return Scene(base.color, base.shape, base.position, base.size, background, word, text, kind)
+    color = rng.choice(COLORS)
+    if kind == "sign":
+        text = contrast_color(color)
+        background = rng.choice([c for c in COLORS if c not in (color, text)])
+        return Scene(color, "sign", "centre", "large", background, word, text, kind)
+    background = rng.choice([c for c in COLORS if c != color])
+    if kind == "word":
+        return Scene(color, "text", "centre", "large", background, word, color, kind)
+    raise ValueError(f"unknown scene kind {kind!r}")
+
+
+def sample_any_scene(rng: random.Random, word_source) -> Scene:
+    """A scene of any kind, by KIND_WEIGHTS; `word_source(rng)` picks the word for text kinds."""
+    kind = rng.choices(KINDS, weights=KIND_WEIGHTS)[0]
+    if kind == "shape":
+        return sample_scene(rng)
+    return sample_text_scene(rng, word_source(rng), kind)
+
+
+@lru_cache(maxsize=4)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def text_box(word: str, centre: tuple[float, float], size: int = NATIVE_SIZE) -> tuple[int, int, int, int]:
+    """The word's box (x0, y0, x1, y1) in native pixels: one LETTER_PITCH cell a letter, centred
+    near `centre` (fractions), snapped to the latent grid and kept inside the picture."""
+    grid = LATENT_GRID * size // NATIVE_SIZE
+    pitch = LETTER_PITCH * size // NATIVE_SIZE
+    width = len(word) * pitch
+    x0 = round((centre[0] * size - width / 2) / grid) * grid
+    y0 = round((centre[1] * size - pitch / 2) / grid) * grid
+    x0 = min(max(x0, grid), (size - grid - width) // grid * grid)
+    y0 = min(max(y0, grid), (size - grid - pitch) // grid * grid)
+    return x0, y0, x0 + width, y0 + pitch
+
+
+def _draw_word(draw: ImageDraw.ImageDraw, word: str, box, scale: int, fill) -> None:
+    font = _font(FONT_SIZE * scale * NATIVE_SIZE // NATIVE_SIZE)
+    pitch = (box[2] - box[0]) // len(word)
+    _, cap_top, _, baseline = font.getbbox("H", anchor="ls")
+    cap_height = baseline - cap_top
+    y = (box[1] + box[3]) / 2 + cap_height / 2
+    for i, letter in enumerate(word):
+        left, _, right, _ = font.getbbox(letter, anchor="ls")
+        x = box[0] + i * pitch + pitch / 2 - (left + right) / 2
+        draw.text(
+            (x, y), letter, fill=fill, font=font, anchor="ls",
+            stroke_width=round(STROKE * scale), stroke_fill=fill,
+        )
+
+
+def _draw_shape(draw, scene: Scene, cx: float, cy: float, r: float) -> None:
     fill = PALETTE[scene.color]
     if scene.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -90,11 +174,33 @@ def draw_scene(scene: Scene, rng: random.Random | None = None, size: int = NATIV
         left = (cx - h * math.sin(math.pi / 3), cy + h / 2)
         right = (cx + h * math.sin(math.pi / 3), cy + h / 2)
         draw.polygon([top, left, right], fill=fill)
+
+
+def draw_scene(scene: Scene, rng: random.Random | None = None, size: int = NATIVE_SIZE) -> Image.Image:
+    """Draw a scene; with `rng`, jitter the shape's position and size a little so no two draws
+    are equal (words and signs stay on the grid)."""
+    big = size * _SUPERSAMPLE
+    image = Image.new("RGB", (big, big), PALETTE[scene.background])
+    draw = ImageDraw.Draw(image)
+    cx, cy = POSITION_CENTRES[scene.position]
+    if scene.kind in ("shape", "shape_word"):
+        radius = SIZE_RADII[scene.size]
+        if rng is not None:
+            cx += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+            cy += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+            radius *= rng.uniform(*RADIUS_JITTER)
+        _draw_shape(draw, scene, cx * big, cy * big, radius * big)
+    if scene.word:
+        x0, y0, x1, y1 = (v * _SUPERSAMPLE for v in text_box(scene.word, (cx, cy), size))
+        if scene.kind == "sign":
+            pad = LATENT_GRID * size // NATIVE_SIZE * _SUPERSAMPLE
+            draw.rectangle((x0 - pad, y0 - pad, x1 + pad - 1, y1 + pad - 1), fill=PALETTE[scene.color])
+        _draw_word(draw, scene.word, (x0, y0, x1, y1), _SUPERSAMPLE * size // NATIVE_SIZE, PALETTE[scene.text_color])
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
 def all_scenes() -> list[Scene]:
-    """Every distinct scene (8 x 7 x 3 x 5 x 2 = 1,680), in a fixed order."""
+    """Every distinct plain-shape scene (8 x 7 x 3 x 5 x 2 = 1,680), in a fixed order."""
     return [
         Scene(color, shape, position, size, background)
         for color in COLORS
@@ -106,8 +212,8 @@ def all_scenes() -> list[Scene]:
     ]
 
 
-def scene_batch(scenes: list[Scene], rng: random.Random) -> np.ndarray:
+def scene_batch(scenes: list[Scene], rng: random.Random, size: int = NATIVE_SIZE) -> np.ndarray:
     """Draw scenes into a float array in [-1, 1], shaped (N, 3, H, W)."""
-    arrays = [np.asarray(draw_scene(s, rng), dtype=np.float32) for s in scenes]
+    arrays = [np.asarray(draw_scene(s, rng, size), dtype=np.float32) for s in scenes]
     batch = np.stack(arrays).transpose(0, 3, 1, 2)
     return batch / 127.5 - 1.0

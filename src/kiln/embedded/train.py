@@ -1,9 +1,11 @@
 """Train Kiln's embedded text-to-image model from scratch, in seeded, resumable stages:
 
-1. autoencoder (64x64x3 <-> 16x16x4) on procedural scenes, then its decoder alone polished on the
-   cached latents with object pixels weighted up;
-2. text encoder, grounded by small attribute heads (training only, not saved) that must read the
-   object colour, background colour, shape, position and size from every caption;
+1. autoencoder (128x128x3 <-> 16x16x4) on procedural scenes (shapes, shapes with words, signs,
+   words), edges and object pixels weighted up; then its decoder alone polished on the cached
+   latents;
+2. text encoder, grounded by small heads (training only, not saved) that must read the scene's
+   kind, object colour, background colour, shape, position, size and every letter of the quoted
+   word from every caption;
 3. UNet on cached latents, with the text encoder frozen, v-prediction and classifier-free dropout.
 
 `python -m kiln.embedded.train` writes checkpoints under var/embedded-train/ and the best pipeline so
@@ -29,28 +31,22 @@ import torch.nn.functional as F
 
 from kiln.embedded import components
 from kiln.embedded.analyze import ATTRIBUTES, read_image, score
-from kiln.embedded.captions import caption, phrasings
-from kiln.embedded.scenes import (
-    COLORS,
-    PALETTE,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    Scene,
-    sample_scene,
-    scene_batch,
+from kiln.embedded.ocr import letter_accuracy, read_word
+from kiln.embedded.scenes import NATIVE_SIZE, PALETTE, Scene, sample_scene, sample_text_scene, scene_batch
+from kiln.embedded.text_captions import HELD_OUT_WORDS, describe, is_training_word
+from kiln.embedded.train_kit import (
+    Budget,
+    init_part,
+    load_checkpoint,
+    log,
+    save_checkpoint,
+    step_rng,
+    training_scenes,
 )
+from kiln.embedded.train_text import tokenize, train_text
 
 MODEL_DIR = Path(__file__).parent / "model"
 WORK_DIR = Path("var/embedded-train")
-ATTRIBUTE_VALUES = {
-    "color": COLORS,
-    "background": COLORS,
-    "shape": SHAPES,
-    "position": POSITIONS,
-    "size": SIZES,
-}
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -58,27 +54,33 @@ class Recipe:
 
     sizes: components.Sizes = field(default_factory=lambda: components.FULL)
     seed: int = 1234
-    dataset_size: int = 24_000
-    vae_steps: int = 1_500
-    vae_batch: int = 16
+    dataset_size: int = 16_000
+    vae_steps: int = 1_600
+    vae_batch: int = 8
     vae_lr: float = 2e-3
-    decoder_steps: int = 1_600
+    decoder_steps: int = 400
     decoder_lr: float = 5e-4
-    text_steps: int = 400
+    text_steps: int = 500
     text_batch: int = 128
     text_lr: float = 1e-3
     unet_steps: int = 4_000
-    unet_batch: int = 64
+    vae_minutes: float = 16.0
+    decoder_minutes: float = 4.0
+    text_minutes: float = 4.0
+    unet_batch: int = 48
     unet_lr: float = 5e-4
     unet_warmup: int = 200
     ema_decay: float = 0.999
     cond_dropout: float = 0.1
     min_snr: float = 5.0
-    eval_every: int = 300
-    eval_prompts: int = 48
+    eval_every: int = 400
+    eval_prompts: int = 32
     sample_steps: int = 8
     guidance_scale: float = 3.0
     checkpoint_every_s: float = 240.0
+    init_from: str | None = None
+    """A pipeline directory whose VAE, text encoder (its rows of the vocabulary and positions)
+    and UNet start the training, instead of random weights."""
 
 
 SMOKE = Recipe(
@@ -99,58 +101,61 @@ SMOKE = Recipe(
 )
 
 
-def log(work: Path, message: str) -> None:
-    line = f"{time.strftime('%H:%M:%S')} {message}"
-    print(line, flush=True)
-    with open(work / "train.log", "a") as f:
-        f.write(line + "\n")
-
-
-def step_rng(recipe: Recipe, stage: str, step: int) -> tuple[random.Random, torch.Generator]:
-    """Per-step randomness derived from (seed, stage, step), so a resumed run draws the same data."""
-    rng = random.Random(f"{recipe.seed}-{stage}-{step}")
-    return rng, torch.Generator().manual_seed(rng.getrandbits(63))
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict | None:
-    return torch.load(path, weights_only=False) if path.exists() else None
+FINETUNE = Recipe(
+    dataset_size=6_000,
+    vae_steps=1_500,
+    vae_batch=16,
+    vae_lr=5e-4,
+    vae_minutes=9.0,
+    decoder_steps=600,
+    decoder_minutes=4.0,
+    text_steps=400,
+    text_lr=5e-4,
+    text_minutes=4.0,
+    unet_steps=3_000,
+    unet_batch=32,
+    unet_lr=2e-4,
+    unet_warmup=20,
+    ema_decay=0.995,
+    eval_every=150,
+)
+"""Fine-tuning the shapes-only model (`--init`) to draw words: short stages, low learning rates."""
 
 
 # --- stage 1: autoencoder -------------------------------------------------------------------
 
 
 def train_vae(recipe: Recipe, work: Path):
-    vae = components.build_vae(recipe.sizes)
+    vae = init_part(recipe, "vae", components.build_vae(recipe.sizes))
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     path, step, last_save = work / "vae.pt", 0, time.time()
     if (state := load_checkpoint(path)) is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
+    budget = Budget(recipe.vae_steps, recipe.vae_minutes, state["spent"] if state else 0.0)
     start = time.time()
-    while step < recipe.vae_steps:
+    while not budget.done(step):
         rng, gen = step_rng(recipe, "vae", step)
-        images = torch.from_numpy(scene_batch([sample_scene(rng) for _ in range(recipe.vae_batch)], rng))
+        scenes = training_scenes(rng, recipe.vae_batch)
+        images = torch.from_numpy(scene_batch(scenes, rng))
         for group in opt.param_groups:
-            group["lr"] = recipe.vae_lr * 0.5 * (1 + np.cos(np.pi * step / recipe.vae_steps))
+            group["lr"] = recipe.vae_lr * 0.5 * (1 + np.cos(np.pi * budget.progress(step)))
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         kl = posterior.kl().mean() / posterior.mean[0].numel()
-        loss = F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images) + 1e-4 * kl
+        loss = weighted_loss(recon, images, scenes) + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
-        if step % 100 == 0 or step == recipe.vae_steps:
+        if step % 100 == 0 or budget.done(step):
             log(work, f"vae step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
-        if step == recipe.vae_steps or time.time() - last_save > recipe.checkpoint_every_s:
-            save_checkpoint(path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
+        if budget.done(step) or time.time() - last_save > recipe.checkpoint_every_s:
+            state = {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "spent": budget.spent()}
+            if budget.done(step):
+                state["spent"] = recipe.vae_minutes * 60  # finished: a resumed run trains no more
+            save_checkpoint(path, state)
             last_save = time.time()
     return vae.eval().requires_grad_(False)
 
@@ -161,7 +166,7 @@ def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
     if (cached := load_checkpoint(path)) is not None:
         return cached
     rng = random.Random(f"{recipe.seed}-dataset")
-    scenes = [sample_scene(rng) for _ in range(recipe.dataset_size)]
+    scenes = training_scenes(rng, recipe.dataset_size)
     latents = []
     with torch.no_grad():
         for i in range(0, len(scenes), 256):
@@ -178,12 +183,22 @@ def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
     return data
 
 
-def object_weights(images: torch.Tensor, scenes: list[Scene], weight: float) -> torch.Tensor:
-    """Per-pixel loss weights: `weight` on the object (pixels unlike the background), 1 elsewhere,
-    so the few pixels that carry shape and colour are not drowned by the flat background."""
+def pixel_weights(images: torch.Tensor, scenes: list[Scene], weight: float, edge: float) -> torch.Tensor:
+    """Per-pixel loss weights: `weight` on the object (pixels unlike the background) and `edge`
+    more near any edge (of a shape, a sign or a letter stroke), 1 elsewhere, so the few pixels
+    that carry shape, colour and letters are not drowned by the flat background."""
     bg = torch.tensor([PALETTE[s.background] for s in scenes], dtype=torch.float32) / 127.5 - 1.0
     far = (images - bg[:, :, None, None]).abs().amax(dim=1, keepdim=True) > 0.1
-    return 1.0 + (weight - 1.0) * far.float()
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().amax(dim=1, keepdim=True)
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().amax(dim=1, keepdim=True)
+    edges = F.pad(dx, (0, 1, 0, 0)).maximum(F.pad(dy, (0, 0, 0, 1))) > 0.1
+    edges = F.max_pool2d(edges.float(), 3, stride=1, padding=1)
+    return 1.0 + (weight - 1.0) * far.float() + edge * edges
+
+
+def weighted_loss(recon: torch.Tensor, images: torch.Tensor, scenes: list[Scene]) -> torch.Tensor:
+    w = pixel_weights(images, scenes, 4.0, 8.0)
+    return (w * ((recon - images) ** 2 + 0.5 * (recon - images).abs())).mean() / w.mean()
 
 
 def polish_decoder(recipe: Recipe, work: Path, vae):
@@ -195,141 +210,38 @@ def polish_decoder(recipe: Recipe, work: Path, vae):
         vae.decoder.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
+    budget = Budget(recipe.decoder_steps, recipe.decoder_minutes, state["spent"] if state else 0.0)
     vae.decoder.requires_grad_(True)
     start = time.time()
-    while step < recipe.decoder_steps:
+    while not budget.done(step):
         rng, _ = step_rng(recipe, "decoder", step)
-        scenes = [sample_scene(rng) for _ in range(recipe.vae_batch)]
+        scenes = training_scenes(rng, recipe.vae_batch)
         images = torch.from_numpy(scene_batch(scenes, rng))
         for group in opt.param_groups:
-            group["lr"] = recipe.decoder_lr * 0.5 * (1 + np.cos(np.pi * step / recipe.decoder_steps))
+            group["lr"] = recipe.decoder_lr * 0.5 * (1 + np.cos(np.pi * budget.progress(step)))
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mean
         recon = vae.decode(latents).sample
-        w = object_weights(images, scenes, 8.0)
-        loss = (w * ((recon - images) ** 2 + 0.5 * (recon - images).abs())).mean()
+        loss = weighted_loss(recon, images, scenes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
-        if step % 100 == 0 or step == recipe.decoder_steps:
+        if step % 100 == 0 or budget.done(step):
             log(work, f"decoder step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
-        if step == recipe.decoder_steps or time.time() - last_save > recipe.checkpoint_every_s:
-            save_checkpoint(path, {"model": vae.decoder.state_dict(), "opt": opt.state_dict(), "step": step})
+        if budget.done(step) or time.time() - last_save > recipe.checkpoint_every_s:
+            spent = recipe.decoder_minutes * 60 if budget.done(step) else budget.spent()
+            state = {"model": vae.decoder.state_dict(), "opt": opt.state_dict(), "step": step, "spent": spent}
+            save_checkpoint(path, state)
             last_save = time.time()
     return vae.eval().requires_grad_(False)
-
-
-# --- stage 2: text encoder ------------------------------------------------------------------
-
-
-class AttributeHeads(torch.nn.Module):
-    """Linear read-outs of each scene attribute from a text hidden state; training only."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.heads = torch.nn.ModuleDict(
-            {name: torch.nn.Linear(hidden, len(values)) for name, values in ATTRIBUTE_VALUES.items()}
-        )
-
-    def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: head(hidden) for name, head in self.heads.items()}
-
-
-def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        texts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
-def attribute_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
-    return {
-        name: torch.tensor([values.index(getattr(s, name)) for s in scenes])
-        for name, values in ATTRIBUTE_VALUES.items()
-    }
-
-
-def text_batch(recipe, tokenizer, rng, pool, n):
-    scenes = [sample_scene(rng) for _ in range(n)]
-    ids = tokenize(tokenizer, [caption(s, rng.choice(pool), rng) for s in scenes])
-    return scenes, ids
-
-
-def attribute_loss(text_encoder, heads, ids, scenes, eos_id):
-    """Cross-entropy of every attribute at <eos> and every pad after it: under CLIP's causal mask
-    those are the positions that have read the whole caption, and the UNet attends to all of them."""
-    hidden = text_encoder(ids).last_hidden_state
-    eos_pos = (ids == eos_id).int().argmax(dim=1)
-    full = torch.arange(ids.shape[1])[None, :] >= eos_pos[:, None]
-    logits = heads(hidden[full])
-    counts = full.sum(dim=1)
-    loss, correct = 0.0, {}
-    for name, target in attribute_targets(scenes).items():
-        loss = loss + F.cross_entropy(logits[name], target.repeat_interleave(counts))
-        at_eos = heads.heads[name](hidden[torch.arange(len(ids)), eos_pos])
-        correct[name] = (at_eos.argmax(dim=1) == target).float().mean().item()
-    return loss, correct
-
-
-def train_text(recipe: Recipe, work: Path, tokenizer):
-    text_encoder = components.build_text_encoder(tokenizer, recipe.sizes)
-    heads = AttributeHeads(recipe.sizes.text_hidden)
-    params = list(text_encoder.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe.text_lr, weight_decay=0.01)
-    path, step, last_save = work / "text.pt", 0, time.time()
-    if (state := load_checkpoint(path)) is not None:
-        text_encoder.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-    train_pool, held_pool = phrasings("train"), phrasings("held_out")
-    start = time.time()
-    while step < recipe.text_steps:
-        rng, _ = step_rng(recipe, "text", step)
-        torch.manual_seed(rng.getrandbits(63))  # dropout inside the encoder
-        scenes, ids = text_batch(recipe, tokenizer, rng, train_pool, recipe.text_batch)
-        for group in opt.param_groups:
-            group["lr"] = (
-                recipe.text_lr
-                * min(1.0, (step + 1) / 100)
-                * 0.5
-                * (1 + np.cos(np.pi * step / recipe.text_steps))
-            )
-        loss, _ = attribute_loss(text_encoder, heads, ids, scenes, tokenizer.eos_token_id)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % 100 == 0 or step == recipe.text_steps:
-            with torch.no_grad():
-                rng = random.Random(f"{recipe.seed}-text-eval")
-                scenes, ids = text_batch(recipe, tokenizer, rng, held_pool, 512)
-                _, held = attribute_loss(text_encoder, heads, ids, scenes, tokenizer.eos_token_id)
-            accs = " ".join(f"{k} {v:.3f}" for k, v in held.items())
-            log(work, f"text step {step} loss {loss.item():.4f} held-out {accs} ({time.time() - start:.0f}s)")
-        if step == recipe.text_steps or time.time() - last_save > recipe.checkpoint_every_s:
-            save_checkpoint(
-                path,
-                {
-                    "model": text_encoder.state_dict(),
-                    "heads": heads.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                },
-            )
-            last_save = time.time()
-    return text_encoder.eval().requires_grad_(False)
 
 
 # --- stage 3: UNet --------------------------------------------------------------------------
 
 
 def evaluate(recipe: Recipe, pipe, prompts_scenes) -> dict[str, float]:
-    """Sample held-out prompts as the server would, and score the pixels."""
+    """Sample held-out prompts as the server would; score the shapes' pixels and read the words."""
     prompts = [p for p, _ in prompts_scenes]
     images = pipe(
         prompts,
@@ -339,20 +251,52 @@ def evaluate(recipe: Recipe, pipe, prompts_scenes) -> dict[str, float]:
         output_type="pil",
     ).images
     hits = {name: 0 for name in ATTRIBUTES}
+    shapes, words, letters, exact = 0, 0, 0.0, 0
     for image, (_, scene) in zip(images, prompts_scenes):
-        for name, ok in score(read_image(image), scene).items():
-            hits[name] += ok
-    return {name: hits[name] / len(prompts) for name in ATTRIBUTES}
+        if scene.kind == "shape":
+            shapes += 1
+            for name, ok in score(read_image(image), scene).items():
+                hits[name] += ok
+        else:
+            read = read_word(image, scene)
+            words += 1
+            letters += letter_accuracy(read, scene.word)
+            exact += read == scene.word
+    out = {name: hits[name] / max(shapes, 1) for name in ATTRIBUTES}
+    return out | {"letters": letters / max(words, 1), "words": exact / max(words, 1)}
 
 
 def held_out_prompts(recipe: Recipe, n: int, salt: str = "eval") -> list[tuple[str, Scene]]:
+    """Half plain shapes in held-out phrasings, half held-out words in training phrasings."""
     rng = random.Random(f"{recipe.seed}-{salt}")
-    pool = phrasings("held_out")
     out = []
-    for _ in range(n):
-        scene = sample_scene(rng)
-        out.append((caption(scene, rng.choice(pool), rng), scene))
+    for i in range(n):
+        if i % 2:
+            scene = sample_scene(rng)
+            out.append((describe(scene, rng, "held_out"), scene))
+        else:
+            scene = sample_text_scene(rng, HELD_OUT_WORDS[rng.randrange(len(HELD_OUT_WORDS))])
+            out.append((describe(scene, rng, "train"), scene))
     return out
+
+
+def preview_projection(vae) -> dict:
+    """A least-squares latent -> RGB map (for the server's step previews), fitted on flat-colour
+    cells in the space the pipeline's latents live in."""
+    gen = torch.Generator().manual_seed(0)
+    colours = torch.rand(4, 3, 8, 8, generator=gen) * 1.6 - 0.8
+    pixels = colours.repeat_interleave(32, 2).repeat_interleave(32, 3)
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(next(vae.parameters()).dtype)).latent_dist.mean.float()
+    latents = latents * vae.config.scaling_factor
+    target = F.adaptive_avg_pool2d(pixels, latents.shape[-2:])
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    y = target.permute(0, 2, 3, 1).reshape(-1, 3)
+    solution = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1)], dim=1), y).solution
+    return {
+        "latent_rgb_factors": [[round(float(v), 4) for v in row] for row in solution[:-1]],
+        "latent_rgb_bias": [round(float(v), 4) for v in solution[-1]],
+    }
 
 
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, recipe: Recipe, summary: dict) -> None:
@@ -365,11 +309,11 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, recipe: Recipe,
     )
     pipe.save_pretrained(tmp, safe_serialization=True)
     defaults = {
-        "native_size": 64,
+        "native_size": NATIVE_SIZE,
         "steps": recipe.sample_steps,
         "guidance_scale": recipe.guidance_scale,
         "scheduler": type(pipe.scheduler).__name__,
-    }
+    } | preview_projection(vae)
     (tmp / "kiln.json").write_text(json.dumps(defaults, indent=2) + "\n")
     (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     old = out.with_name(out.name + ".old")
@@ -410,7 +354,7 @@ def eval_and_keep_best(
     pipe = components.assemble_pipeline(vae, text_encoder, tokenizer, ema)
     pipe.set_progress_bar_config(disable=True)
     accs = evaluate(recipe, pipe, eval_set)
-    mean = float(np.mean(list(accs.values())))
+    mean = float(np.mean([accs[name] for name in ATTRIBUTES]) + accs["letters"]) / 2
     log(
         work,
         f"eval step {step}: "
@@ -443,7 +387,7 @@ def train_unet(
     summary: dict,
 ) -> None:
     vae.register_to_config(scaling_factor=data["scaling_factor"])
-    unet = components.build_unet(recipe.sizes)
+    unet = init_part(recipe, "unet", components.build_unet(recipe.sizes))
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.0)
     path, step, best = work / "unet.pt", 0, -1.0
@@ -456,9 +400,11 @@ def train_unet(
     noise_scheduler = components.build_train_scheduler()
     alphas = noise_scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
-    latents = data["latents"] * data["scaling_factor"]
+    # Only scenes whose word is a training word (a cache from an older word list may hold others).
     scenes = [Scene(**s) for s in data["scenes"]]
-    pool = phrasings("train")
+    keep = [i for i, s in enumerate(scenes) if s.word is None or is_training_word(s.word)]
+    latents = data["latents"][keep] * data["scaling_factor"]
+    scenes = [scenes[i] for i in keep]
     with torch.no_grad():
         empty = text_encoder(tokenize(tokenizer, [""])).last_hidden_state
     eval_set = held_out_prompts(recipe, recipe.eval_prompts)
@@ -470,10 +416,12 @@ def train_unet(
         return {"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                 "step": step, "best": best, "seconds": spent_s}
 
-    while step < recipe.unet_steps and (deadline is None or time.time() < deadline):
+    left_s = (deadline - time.time()) if deadline is not None else None
+    budget = Budget(recipe.unet_steps, (seconds + left_s) / 60 if left_s else None, seconds)
+    while not budget.done(step):
         rng, gen = step_rng(recipe, "unet", step)
         idx = torch.randint(0, len(scenes), (recipe.unet_batch,), generator=gen)
-        texts = [caption(scenes[i], rng.choice(pool), rng) for i in idx.tolist()]
+        texts = [describe(scenes[i], rng) for i in idx.tolist()]
         with torch.no_grad():
             cond = text_encoder(tokenize(tokenizer, texts)).last_hidden_state
             drop = torch.rand(len(texts), generator=gen) < recipe.cond_dropout
@@ -486,7 +434,7 @@ def train_unet(
         lr_scale = min(1.0, (step + 1) / recipe.unet_warmup)
         for group in opt.param_groups:
             group["lr"] = (
-                recipe.unet_lr * lr_scale * (0.1 + 0.45 * (1 + np.cos(np.pi * step / recipe.unet_steps)))
+                recipe.unet_lr * lr_scale * (0.1 + 0.45 * (1 + np.cos(np.pi * budget.progress(step))))
             )
         pred = unet(noisy, t, cond).sample
         weight = torch.clamp(snr[t], max=recipe.min_snr) / (snr[t] + 1)
@@ -546,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=None)
     parser.add_argument("--minutes", type=float, default=None, help="stop the UNet stage after this")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init", type=Path, default=None, help="fine-tune this pipeline (FINETUNE recipe)")
     parser.add_argument(
         "--stage",
         choices=("all", "decoder", "package"),
@@ -556,7 +505,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decoder-steps", type=int, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    recipe = SMOKE if args.smoke else Recipe()
+    recipe = SMOKE if args.smoke else FINETUNE if args.init else Recipe()
+    if args.init:
+        recipe = replace(recipe, init_from=str(args.init))
     if args.decoder_steps is not None:
         recipe = replace(recipe, decoder_steps=args.decoder_steps)
     if args.unet_steps is not None:

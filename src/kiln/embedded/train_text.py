@@ -1,0 +1,147 @@
+"""Stage 2 of training the embedded model: the text encoder, grounded by small heads (training
+only, not saved) that read the scene's kind, attributes and every letter of the quoted word."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kiln.embedded import components
+from kiln.embedded.scenes import COLORS, KINDS, LETTERS, POSITIONS, SHAPES, SIZES, WORD_LENGTHS, Scene
+from kiln.embedded.scenes import sample_scene, sample_text_scene
+from kiln.embedded.text_captions import HELD_OUT_WORDS, describe
+from kiln.embedded.train_kit import Budget, init_part, load_checkpoint, log, save_checkpoint, step_rng
+from kiln.embedded.train_kit import training_scenes
+
+ATTRIBUTE_VALUES = {
+    "kind": KINDS,
+    "color": COLORS,
+    "background": COLORS,
+    "shape": SHAPES,
+    "position": POSITIONS,
+    "size": SIZES,
+}
+SLOTS = WORD_LENGTHS[1]
+"""Letter heads of the text encoder's grounding: one per letter of the word, 27 classes (A-Z, none)."""
+
+
+class AttributeHeads(torch.nn.Module):
+    """Linear read-outs of each scene attribute, and of each letter of the word, from a text hidden
+    state; training only."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        heads = {name: torch.nn.Linear(hidden, len(values)) for name, values in ATTRIBUTE_VALUES.items()}
+        heads |= {f"letter{i}": torch.nn.Linear(hidden, len(LETTERS) + 1) for i in range(SLOTS)}
+        self.heads = torch.nn.ModuleDict(heads)
+
+    def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(hidden) for name, head in self.heads.items()}
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def _target(scene: Scene, name: str, values) -> int:
+    if name in ("shape", "position", "size") and scene.kind in ("sign", "word"):
+        return -100  # not said by the caption
+    return values.index(getattr(scene, name))
+
+
+def attribute_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
+    out = {
+        name: torch.tensor([_target(s, name, values) for s in scenes]) for name, values in ATTRIBUTE_VALUES.items()
+    }
+    for i in range(SLOTS):
+        out[f"letter{i}"] = torch.tensor(
+            [LETTERS.index(s.word[i]) if s.word and i < len(s.word) else len(LETTERS) for s in scenes]
+        )
+    return out
+
+
+def text_batch(recipe, tokenizer, rng, split, n):
+    if split == "train":
+        scenes = training_scenes(rng, n)
+    else:  # held-out phrasings, and held-out words for the text kinds
+        scenes = [
+            sample_scene(rng) if i % 2 else sample_text_scene(rng, rng.choice(HELD_OUT_WORDS)) for i in range(n)
+        ]
+    ids = tokenize(tokenizer, [describe(s, rng, split) for s in scenes])
+    return scenes, ids
+
+
+def attribute_loss(text_encoder, heads, ids, scenes, eos_id):
+    """Cross-entropy of every attribute at <eos> and every pad after it: under CLIP's causal mask
+    those are the positions that have read the whole caption, and the UNet attends to all of them."""
+    hidden = text_encoder(ids).last_hidden_state
+    eos_pos = (ids == eos_id).int().argmax(dim=1)
+    full = torch.arange(ids.shape[1])[None, :] >= eos_pos[:, None]
+    logits = heads(hidden[full])
+    counts = full.sum(dim=1)
+    loss, correct = 0.0, {}
+    for name, target in attribute_targets(scenes).items():
+        loss = loss + F.cross_entropy(logits[name], target.repeat_interleave(counts), ignore_index=-100)
+        at_eos = heads.heads[name](hidden[torch.arange(len(ids)), eos_pos])
+        known = target != -100
+        correct[name] = (at_eos.argmax(dim=1) == target)[known].float().mean().item()
+    return loss, correct
+
+
+def train_text(recipe: Recipe, work: Path, tokenizer):
+    text_encoder = init_part(recipe, "text_encoder", components.build_text_encoder(tokenizer, recipe.sizes))
+    heads = AttributeHeads(recipe.sizes.text_hidden)
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.text_lr, weight_decay=0.01)
+    path, step, last_save = work / "text.pt", 0, time.time()
+    if (state := load_checkpoint(path)) is not None:
+        text_encoder.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    budget = Budget(recipe.text_steps, recipe.text_minutes, state["spent"] if state else 0.0)
+    start = time.time()
+    while not budget.done(step):
+        rng, _ = step_rng(recipe, "text", step)
+        torch.manual_seed(rng.getrandbits(63))  # dropout inside the encoder
+        scenes, ids = text_batch(recipe, tokenizer, rng, "train", recipe.text_batch)
+        for group in opt.param_groups:
+            group["lr"] = (
+                recipe.text_lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * budget.progress(step)))
+            )
+        loss, _ = attribute_loss(text_encoder, heads, ids, scenes, tokenizer.eos_token_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 100 == 0 or budget.done(step):
+            with torch.no_grad():
+                rng = random.Random(f"{recipe.seed}-text-eval")
+                scenes, ids = text_batch(recipe, tokenizer, rng, "held_out", 512)
+                _, held = attribute_loss(text_encoder, heads, ids, scenes, tokenizer.eos_token_id)
+            accs = " ".join(f"{k} {v:.2f}" for k, v in held.items())
+            log(work, f"text step {step} loss {loss.item():.4f} held-out {accs} ({time.time() - start:.0f}s)")
+        if budget.done(step) or time.time() - last_save > recipe.checkpoint_every_s:
+            save_checkpoint(
+                path,
+                {
+                    "model": text_encoder.state_dict(),
+                    "heads": heads.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "spent": recipe.text_minutes * 60 if budget.done(step) else budget.spent(),
+                },
+            )
+            last_save = time.time()
+    return text_encoder.eval().requires_grad_(False)
