@@ -21,13 +21,12 @@ import dataclasses
 import re
 from collections.abc import Iterable
 
-from kiln.embedded import captions
 from kiln.embedded.captions import COLOR_WORDS, POSITION_FORMS, SHAPE_WORDS, SIZE_WORDS
 
-PLACE_FORM = getattr(captions, "CANONICAL_POSITION_FORM", 0)
-"""Which of the grammar's position forms `render` writes: the one the grammar names canonical (and
-always trains on), else its first (on the left · on the right · at the top · at the bottom · in the
-centre)."""
+PLACE_FORM = 0
+"""Which of the grammar's position forms `render` writes: its first (on the left · on the right · at
+the top · at the bottom · in the centre), which the shipped weights learnt and every training split
+keeps (the words fine-tune's `on the {position}` form reads oddly and the shipped weights never saw it)."""
 
 
 @dataclasses.dataclass(frozen=True)
