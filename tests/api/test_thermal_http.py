@@ -72,7 +72,7 @@ def test_a_hot_gpu_degrades_then_refuses_free_work_while_enterprise_keeps_its_ta
         assert http.post("/v1/jobs", json={"prompt": "before the heat"}).status_code == 202
     with server.client(second.key) as http:  # 6.25 s ahead: within free's target
         cool = http.post("/v1/jobs", json={"prompt": "still cool"})
-        assert cool.status_code == 202 and "degraded" not in cool.json()
+        assert cool.status_code == 202 and cool.json()["degraded"] is None
 
     report(telemetry, gpu=0, temp_c=90, power_w=600, sm_clock_mhz=1500, util=99, clocks_event_reasons=64)
     hot = until(lambda: next((g for g in stats()["thermal"]["gpus"] if g["state"] == "hot"), None), "GPU 0 hot")
@@ -99,7 +99,7 @@ def test_a_hot_gpu_degrades_then_refuses_free_work_while_enterprise_keeps_its_ta
     assert outcomes[0] == "degraded" and outcomes[-1] == "refused", outcomes
     with server.client(boss.key) as http:
         paid = http.post("/v1/jobs", json={"prompt": "paid work", "n": 2})
-        assert paid.status_code == 202 and "degraded" not in paid.json()
+        assert paid.status_code == 202 and paid.json()["degraded"] is None
         assert paid.json()["eta_s"] <= 15.0  # enterprise's target
     with server.client(first.key) as http:  # the policy: free is down to 1 image a day while hot
         until(lambda: http.get("/v1/usage").json()["limit"] == 1, "free's temporary limit")
