@@ -16,6 +16,9 @@ from bench.scenarios import ceiling, cluster, flood, gateway, isolation, peer, s
 
 ORDER = ("ceiling", "saturation", "batching", "isolation", "gateway", "flood", "peer", "cluster", "cluster-sim",
          "thermal", "soak")
+# The scenarios run when asked for (ceiling and saturation run first, when asked for or needed).
+RUNS = {"isolation": isolation.run, "gateway": gateway.run, "flood": flood.run, "peer": peer.run,
+        "cluster": cluster.run, "cluster-sim": scheduler_sim.run, "thermal": thermal.run, "soak": soak.run}
 # Scenarios that size their load from saturation (which needs ceiling); flood and gateway need neither.
 NEEDS_SATURATION = {"saturation", "batching", "isolation", "peer"}
 # The report's sections: flood writes two.
@@ -69,22 +72,9 @@ def main() -> None:
         attempt("ceiling", ceiling.run)
     if wanted & {"saturation", "batching"} or (needs_saturation and "saturation" not in ctx.results):
         attempt("saturation", served.run)
-    if "isolation" in wanted:
-        attempt("isolation", isolation.run)
-    if "gateway" in wanted:
-        attempt("gateway", gateway.run)
-    if "flood" in wanted:
-        attempt("flood", flood.run)
-    if "peer" in wanted:
-        attempt("peer", peer.run)
-    if "cluster" in wanted:
-        attempt("cluster", cluster.run)
-    if "cluster-sim" in wanted:
-        attempt("cluster-sim", scheduler_sim.run)
-    if "thermal" in wanted:
-        attempt("thermal", thermal.run)
-    if "soak" in wanted:
-        attempt("soak", soak.run)
+    for name, scenario in RUNS.items():
+        if name in wanted:
+            attempt(name, scenario)
 
     earlier = [n for n in SECTIONS if n in ctx.results and n not in fresh]
     kept = f"; kept from an earlier run in this folder: {', '.join(earlier)}" if earlier else ""
