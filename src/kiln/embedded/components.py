@@ -17,9 +17,10 @@ MAX_TOKENS = 48
 """Tokens per prompt, with <bos> and <eos>; the longest caption of the grammar, its quoted word
 spelt letter by letter, is under."""
 LATENT_CHANNELS = 4
-LATENT_FACTOR = 4
-"""64x64 pictures <-> 16x16x4 latents (4 channels, so the stock inpainting pipeline takes the
-UNet as a legacy inpainting model)."""
+LATENT_FACTOR = 2
+"""64x64 pictures <-> 32x32x4 latents (4 channels, so the stock inpainting pipeline takes the
+UNet as a legacy inpainting model). A letter is 9 pixels wide, 4.5 latent cells: a factor of 4
+left it 2.25 cells, and its strokes came back from the autoencoder as blobs."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class Sizes:
     text_hidden: int = 128
     text_layers: int = 3
     text_heads: int = 4
-    vae_channels: tuple[int, ...] = (16, 32, 64)
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    vae_channels: tuple[int, ...] = (32, 64)
+    unet_channels: tuple[int, ...] = (32, 64, 128, 128)
     unet_heads: int = 4
 
 
@@ -39,8 +40,8 @@ TINY = Sizes(
     text_hidden=32,
     text_layers=1,
     text_heads=2,
-    vae_channels=(16, 16, 16),
-    unet_channels=(32, 32, 32),
+    vae_channels=(16, 16),
+    unet_channels=(16, 16, 16, 16),
     unet_heads=2,
 )
 
@@ -118,8 +119,8 @@ def build_text_encoder(tokenizer, sizes: Sizes = FULL):
 
 
 def build_vae(sizes: Sizes = FULL):
-    """64x64x3 <-> 16x16x4: two downsamplings, no attention (flat colours and one font do not
-    need it)."""
+    """64x64x3 <-> 32x32x4: one downsampling a step of `vae_channels` after the first, no
+    attention (flat colours and one font do not need it)."""
     from diffusers import AutoencoderKL
 
     n = len(sizes.vae_channels)
@@ -138,22 +139,24 @@ def build_vae(sizes: Sizes = FULL):
 
 
 def build_unet(sizes: Sizes = FULL):
-    """A small UNet on 16x16x4 latents. The text reaches it twice: by cross-attention at 8x8 and
-    4x4, and pooled into the time embedding (`addition_embed_type="text"`), which needs no extra
-    pipeline inputs."""
+    """A small UNet on 32x32x4 latents, halving to 4x4. The text reaches it twice: by
+    cross-attention at every level below the first (16x16, 8x8, 4x4: a letter is about two cells
+    at 16x16), and pooled into the time embedding (`addition_embed_type="text"`), which needs no
+    extra pipeline inputs."""
     from diffusers import UNet2DConditionModel
 
+    n = len(sizes.unet_channels)
     return UNet2DConditionModel(
-        sample_size=16,
+        sample_size=64 // LATENT_FACTOR,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         layers_per_block=1,
         block_out_channels=sizes.unet_channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
         cross_attention_dim=sizes.text_hidden,
         attention_head_dim=sizes.unet_heads,  # diffusers reads this as the number of heads
-        norm_num_groups=min(32, sizes.unet_channels[0]),
+        norm_num_groups=min(16, sizes.unet_channels[0]),
         addition_embed_type="text",
         addition_embed_type_num_heads=sizes.unet_heads,
     )

@@ -36,7 +36,7 @@ POSITIONS = ("left", "right", "top", "bottom", "centre")
 SIZES = ("small", "large")
 KINDS = ("shape", "shape_word", "sign", "word")
 """A plain shape; a shape with a word on it; a sign that says a word; a word on the background."""
-KIND_WEIGHTS = (0.4, 0.2, 0.2, 0.2)
+KIND_WEIGHTS = (0.3, 0.25, 0.2, 0.25)
 LETTERS = string.ascii_uppercase
 WORD_LENGTHS = (2, 6)
 LATENT_GRID = 4

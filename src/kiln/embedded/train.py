@@ -1,12 +1,13 @@
 """Train Kiln's embedded text-to-image model from scratch, in seeded, resumable stages:
 
-1. autoencoder (128x128x3 <-> 16x16x4) on procedural scenes (shapes, shapes with words, signs,
+1. autoencoder (64x64x3 <-> 32x32x4) on procedural scenes (shapes, shapes with words, signs,
    words), edges and object pixels weighted up; then its decoder alone polished on the cached
    latents;
 2. text encoder, grounded by small heads (training only, not saved) that must read the scene's
    kind, object colour, background colour, shape, position, size and every letter of the quoted
    word from every caption;
-3. UNet on cached latents, with the text encoder frozen, v-prediction and classifier-free dropout.
+3. UNet on cached latents, the text encoder learning beside it at a lower rate, v-prediction,
+   the loss weighted up on letter strokes and outlines, and classifier-free dropout.
 
 `python -m kiln.embedded.train` writes checkpoints under var/embedded-train/ and the best pipeline so
 far into src/kiln/embedded/model/; `--smoke` runs a few steps of a tiny config into a temp dir.
@@ -43,7 +44,7 @@ from kiln.embedded.train_kit import (
     step_rng,
     training_scenes,
 )
-from kiln.embedded.train_text import tokenize, train_text
+from kiln.embedded.train_text import LetterSlotHeads, letter_slot_loss, letter_slot_targets, tokenize, train_text
 
 MODEL_DIR = Path(__file__).parent / "model"
 WORK_DIR = Path("var/embedded-train")
@@ -54,28 +55,37 @@ class Recipe:
 
     sizes: components.Sizes = field(default_factory=lambda: components.FULL)
     seed: int = 1234
-    dataset_size: int = 16_000
-    vae_steps: int = 1_600
-    vae_batch: int = 8
-    vae_lr: float = 2e-3
-    decoder_steps: int = 400
-    decoder_lr: float = 5e-4
-    text_steps: int = 500
+    dataset_size: int = 30_000
+    vae_steps: int = 1_200
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    decoder_steps: int = 300
+    decoder_lr: float = 3e-4
+    text_steps: int = 300
     text_batch: int = 128
     text_lr: float = 1e-3
-    unet_steps: int = 4_000
-    vae_minutes: float = 16.0
-    decoder_minutes: float = 4.0
-    text_minutes: float = 4.0
+    unet_steps: int = 6_000
+    vae_minutes: float = 10.0
+    decoder_minutes: float = 3.0
+    text_minutes: float = 3.0
     unet_batch: int = 48
     unet_lr: float = 5e-4
+    unet_text_lr: float = 1e-4
+    """The text encoder keeps learning beside the UNet, at this rate: the letters' own hidden states
+    are what the UNet's cross-attention reads to put each letter in its place."""
+    unet_slot_weight: float = 0.02
+    """Weight of the letter-slot heads' loss on the text encoder in the UNet stage (`LetterSlotHeads`)."""
+    unet_object_weight: float = 2.0
+    unet_edge_weight: float = 4.0
+    """The UNet's loss, like the autoencoder's, weights object pixels and pixels near an edge
+    (letter strokes, outlines) up, per latent cell, so the letters are not drowned by flat colour."""
     unet_warmup: int = 200
-    ema_decay: float = 0.999
+    ema_decay: float = 0.998
     cond_dropout: float = 0.1
     min_snr: float = 5.0
     eval_every: int = 400
-    eval_prompts: int = 32
-    sample_steps: int = 8
+    eval_prompts: int = 24
+    sample_steps: int = 6
     guidance_scale: float = 3.0
     checkpoint_every_s: float = 240.0
     init_from: str | None = None
@@ -161,20 +171,25 @@ def train_vae(recipe: Recipe, work: Path):
 
 
 def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
-    """Render the UNet's training scenes once and cache their latents (and the latent scale)."""
+    """Render the UNet's training scenes once and cache their latents, the latent scale and the
+    UNet's per-cell loss weights."""
     path = work / "latents.pt"
     if (cached := load_checkpoint(path)) is not None:
         return cached
     rng = random.Random(f"{recipe.seed}-dataset")
     scenes = training_scenes(rng, recipe.dataset_size)
-    latents = []
+    latents, weights = [], []
     with torch.no_grad():
         for i in range(0, len(scenes), 256):
-            batch = torch.from_numpy(scene_batch(scenes[i : i + 256], rng))
+            chunk = scenes[i : i + 256]
+            batch = torch.from_numpy(scene_batch(chunk, rng))
             latents.append(vae.encode(batch).latent_dist.mean)
+            w = pixel_weights(batch, chunk, recipe.unet_object_weight, recipe.unet_edge_weight)
+            weights.append(F.max_pool2d(w, components.LATENT_FACTOR).half())
     latents = torch.cat(latents)
     data = {
         "latents": latents,
+        "weights": torch.cat(weights),
         "scenes": [asdict(s) for s in scenes],
         "scaling_factor": float(1.0 / latents.std()),
     }
@@ -386,17 +401,37 @@ def train_unet(
     deadline: float | None,
     summary: dict,
 ) -> None:
+    """The UNet, and the text encoder with it at a lower rate; EMA copies of both are what ship."""
     vae.register_to_config(scaling_factor=data["scaling_factor"])
     unet = init_part(recipe, "unet", components.build_unet(recipe.sizes))
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.0)
+    text_encoder.requires_grad_(True).train()
+    ema, ema_text = (copy.deepcopy(m).requires_grad_(False).eval() for m in (unet, text_encoder))
+    opt = torch.optim.AdamW(
+        [
+            {"params": list(unet.parameters()), "base_lr": recipe.unet_lr},
+            {"params": list(text_encoder.parameters()), "base_lr": recipe.unet_text_lr},
+        ],
+        lr=recipe.unet_lr,
+        weight_decay=0.0,
+    )
+    heads = LetterSlotHeads(recipe.sizes.text_hidden)
+    heads_group = {"params": list(heads.parameters()), "base_lr": recipe.unet_lr}
     path, step, best = work / "unet.pt", 0, -1.0
     if (state := load_checkpoint(path)) is not None:
         unet.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
+        text_encoder.load_state_dict(state["text"])
+        ema_text.load_state_dict(state["ema_text"])
+        if "heads" in state:  # a checkpoint from before the heads (the shipped run) has none
+            heads.load_state_dict(state["heads"])
+            opt.add_param_group(heads_group)
         opt.load_state_dict(state["opt"])
         step, best = state["step"], state["best"]
         summary["unet_seconds"] = state.get("seconds", 0.0)
+        summary.setdefault("slot_heads_from_step", state.get("slot_heads_from_step", step))
+    if len(opt.param_groups) == 2:
+        opt.add_param_group(heads_group)
+        summary.setdefault("slot_heads_from_step", step)
     noise_scheduler = components.build_train_scheduler()
     alphas = noise_scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
@@ -404,28 +439,30 @@ def train_unet(
     scenes = [Scene(**s) for s in data["scenes"]]
     keep = [i for i, s in enumerate(scenes) if s.word is None or is_training_word(s.word)]
     latents = data["latents"][keep] * data["scaling_factor"]
+    cell_weights = data["weights"][keep].float()
     scenes = [scenes[i] for i in keep]
-    with torch.no_grad():
-        empty = text_encoder(tokenize(tokenizer, [""])).last_hidden_state
     eval_set = held_out_prompts(recipe, recipe.eval_prompts)
     last_save = time.time()
     seconds = summary.setdefault("unet_seconds", 0.0)
     mark = time.time()
+    parts = (vae, ema_text, tokenizer, ema)
 
     def unet_state(spent_s: float) -> dict:
-        return {"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "step": step, "best": best, "seconds": spent_s}
+        return {"model": unet.state_dict(), "ema": ema.state_dict(), "text": text_encoder.state_dict(),
+                "ema_text": ema_text.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
+                "step": step, "best": best, "seconds": spent_s,
+                "slot_heads_from_step": summary["slot_heads_from_step"]}
 
     left_s = (deadline - time.time()) if deadline is not None else None
     budget = Budget(recipe.unet_steps, (seconds + left_s) / 60 if left_s else None, seconds)
     while not budget.done(step):
         rng, gen = step_rng(recipe, "unet", step)
+        torch.manual_seed(rng.getrandbits(63))  # dropout inside the text encoder
         idx = torch.randint(0, len(scenes), (recipe.unet_batch,), generator=gen)
-        texts = [describe(scenes[i], rng) for i in idx.tolist()]
-        with torch.no_grad():
-            cond = text_encoder(tokenize(tokenizer, texts)).last_hidden_state
-            drop = torch.rand(len(texts), generator=gen) < recipe.cond_dropout
-            cond[drop] = empty
+        drop = (torch.rand(len(idx), generator=gen) < recipe.cond_dropout).tolist()
+        texts = ["" if dropped else describe(scenes[i], rng) for i, dropped in zip(idx.tolist(), drop)]
+        ids = tokenize(tokenizer, texts)
+        cond = text_encoder(ids).last_hidden_state
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, len(alphas), (len(x0),), generator=gen)
@@ -434,33 +471,35 @@ def train_unet(
         lr_scale = min(1.0, (step + 1) / recipe.unet_warmup)
         for group in opt.param_groups:
             group["lr"] = (
-                recipe.unet_lr * lr_scale * (0.1 + 0.45 * (1 + np.cos(np.pi * budget.progress(step))))
+                group["base_lr"] * lr_scale * (0.1 + 0.45 * (1 + np.cos(np.pi * budget.progress(step))))
             )
         pred = unet(noisy, t, cond).sample
+        w = cell_weights[idx]
+        per_image = (w * (pred - target) ** 2).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * pred.shape[1])
         weight = torch.clamp(snr[t], max=recipe.min_snr) / (snr[t] + 1)
-        loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        slot_loss = letter_slot_loss(heads, cond, letter_slot_targets(tokenizer, ids))
+        loss = (weight * per_image).mean() + recipe.unet_slot_weight * slot_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
-        ema_update(ema, unet, min(recipe.ema_decay, (1 + step) / (10 + step)))
+        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
+        ema_update(ema, unet, decay)
+        ema_update(ema_text, text_encoder, decay)
         step += 1
         if step % 50 == 0:
-            log(work, f"unet step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
+            log(work, f"unet step {step} loss {loss.item():.4f} slots {slot_loss.item():.3f} "
+                f"lr {opt.param_groups[0]['lr']:.2e}")
         if step % recipe.eval_every == 0 or step == recipe.unet_steps:
             seconds += time.time() - mark
-            best = eval_and_keep_best(
-                recipe, work, out, (vae, text_encoder, tokenizer, ema), eval_set, step, best, seconds, summary
-            )
+            best = eval_and_keep_best(recipe, work, out, parts, eval_set, step, best, seconds, summary)
             mark = time.time()
         if time.time() - last_save > recipe.checkpoint_every_s or step == recipe.unet_steps:
             save_checkpoint(path, unet_state(seconds + time.time() - mark))
             last_save = time.time()
     seconds += time.time() - mark
     if step % recipe.eval_every != 0 and step < recipe.unet_steps:  # stopped by the deadline
-        best = eval_and_keep_best(
-            recipe, work, out, (vae, text_encoder, tokenizer, ema), eval_set, step, best, seconds, summary
-        )
+        best = eval_and_keep_best(recipe, work, out, parts, eval_set, step, best, seconds, summary)
     save_checkpoint(path, unet_state(seconds))
 
 

@@ -145,3 +145,44 @@ def train_text(recipe: Recipe, work: Path, tokenizer):
             )
             last_save = time.time()
     return text_encoder.eval().requires_grad_(False)
+
+
+class LetterSlotHeads(torch.nn.Module):
+    """Linear read-outs from each letter of a quoted word: which letter it is and its place in the
+    word (first, second, …); from the closing quote: how long the word is. Under CLIP's causal
+    mask a letter sees the opening quote and the letters before it, not the word's length, so its
+    place is counted from the start. Without this the letters' hidden states do not say their
+    place (a linear probe read it for 34 % of letters), and the UNet's cross-attention cannot
+    tell the first letter from the third; training only, not saved."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.letter = torch.nn.Linear(hidden, len(LETTERS))
+        self.slot = torch.nn.Linear(hidden, SLOTS)
+        self.length = torch.nn.Linear(hidden, SLOTS)
+
+
+def letter_slot_targets(tokenizer, ids: torch.Tensor):
+    """(batch, position, letter, slot) of every letter token between a pair of quotes, and
+    (batch, position, length) of every closing quote."""
+    quote = tokenizer.convert_tokens_to_ids('"')
+    letter_of = {tokenizer.convert_tokens_to_ids(c.lower()): i for i, c in enumerate(LETTERS)}
+    letters, closings = [], []
+    for b, row in enumerate(ids.tolist()):
+        quotes = [i for i, t in enumerate(row) if t == quote]
+        for start, end in zip(quotes[::2], quotes[1::2]):
+            span = row[start + 1 : end]
+            if not span or len(span) > SLOTS or any(t not in letter_of for t in span):
+                continue
+            letters += [(b, start + 1 + k, letter_of[t], k) for k, t in enumerate(span)]
+            closings.append((b, end, len(span) - 1))
+    return torch.tensor(letters, dtype=torch.long).reshape(-1, 4), torch.tensor(closings, dtype=torch.long).reshape(-1, 3)
+
+
+def letter_slot_loss(heads: LetterSlotHeads, hidden: torch.Tensor, targets) -> torch.Tensor:
+    letters, closings = targets
+    if not len(letters):
+        return hidden.sum() * 0.0
+    at = hidden[letters[:, 0], letters[:, 1]]
+    loss = F.cross_entropy(heads.letter(at), letters[:, 2]) + F.cross_entropy(heads.slot(at), letters[:, 3])
+    return loss + F.cross_entropy(heads.length(hidden[closings[:, 0], closings[:, 1]]), closings[:, 2])
