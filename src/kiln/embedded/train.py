@@ -40,6 +40,7 @@ from kiln.embedded.train_kit import (
     init_part,
     load_checkpoint,
     log,
+    resume,
     save_checkpoint,
     step_rng,
     training_scenes,
@@ -129,7 +130,8 @@ FINETUNE = Recipe(
     ema_decay=0.995,
     eval_every=150,
 )
-"""Fine-tuning the shapes-only model (`--init`) to draw words: short stages, low learning rates."""
+"""Fine-tuning a pipeline of this recipe's architecture (`--init`): short stages, low learning rates.
+(The shapes-only model that ships has the older 16x16-latent architecture and does not load into it.)"""
 
 
 # --- stage 1: autoencoder -------------------------------------------------------------------
@@ -138,12 +140,9 @@ FINETUNE = Recipe(
 def train_vae(recipe: Recipe, work: Path):
     vae = init_part(recipe, "vae", components.build_vae(recipe.sizes))
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    path, step, last_save = work / "vae.pt", 0, time.time()
-    if (state := load_checkpoint(path)) is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-    budget = Budget(recipe.vae_steps, recipe.vae_minutes, state["spent"] if state else 0.0)
+    path, last_save = work / "vae.pt", time.time()
+    step, spent = resume(path, opt, model=vae)
+    budget = Budget(recipe.vae_steps, recipe.vae_minutes, spent)
     start = time.time()
     while not budget.done(step):
         rng, gen = step_rng(recipe, "vae", step)
@@ -219,13 +218,10 @@ def weighted_loss(recon: torch.Tensor, images: torch.Tensor, scenes: list[Scene]
 def polish_decoder(recipe: Recipe, work: Path, vae):
     """Fine-tune the decoder alone on the encoder's mean latents (what the UNet learns to make),
     weighting object pixels. The encoder, and so the cached latents, stay exactly as they are."""
-    path, step, last_save = work / "decoder.pt", 0, time.time()
+    path, last_save = work / "decoder.pt", time.time()
     opt = torch.optim.AdamW(vae.decoder.parameters(), lr=recipe.decoder_lr, weight_decay=0.0)
-    if (state := load_checkpoint(path)) is not None:
-        vae.decoder.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-    budget = Budget(recipe.decoder_steps, recipe.decoder_minutes, state["spent"] if state else 0.0)
+    step, spent = resume(path, opt, model=vae.decoder)
+    budget = Budget(recipe.decoder_steps, recipe.decoder_minutes, spent)
     vae.decoder.requires_grad_(True)
     start = time.time()
     while not budget.done(step):

@@ -79,6 +79,17 @@ def load_checkpoint(path: Path) -> dict | None:
     return torch.load(path, weights_only=False) if path.exists() else None
 
 
+def resume(path: Path, opt, **parts) -> tuple[int, float]:
+    """Restore a stage from its checkpoint at `path`, if there is one: each module in `parts` from
+    the entry of its name, and `opt`. Returns (steps done, seconds spent), (0, 0.0) for a new stage."""
+    if (state := load_checkpoint(path)) is None:
+        return 0, 0.0
+    for key, module in parts.items():
+        module.load_state_dict(state[key])
+    opt.load_state_dict(state["opt"])
+    return state["step"], state["spent"]
+
+
 def training_scenes(rng: random.Random, n: int) -> list[Scene]:
     """Scenes of every kind; the words are training words (never a held-out one)."""
     return [sample_any_scene(rng, training_word) for _ in range(n)]

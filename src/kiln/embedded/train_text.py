@@ -15,7 +15,7 @@ from kiln.embedded import components
 from kiln.embedded.scenes import COLORS, KINDS, LETTERS, POSITIONS, SHAPES, SIZES, WORD_LENGTHS, Scene
 from kiln.embedded.scenes import sample_scene, sample_text_scene
 from kiln.embedded.text_captions import HELD_OUT_WORDS, describe
-from kiln.embedded.train_kit import Budget, init_part, load_checkpoint, log, save_checkpoint, step_rng
+from kiln.embedded.train_kit import Budget, init_part, log, resume, save_checkpoint, step_rng
 from kiln.embedded.train_kit import training_scenes
 
 ATTRIBUTE_VALUES = {
@@ -104,13 +104,9 @@ def train_text(recipe: Recipe, work: Path, tokenizer):
     heads = AttributeHeads(recipe.sizes.text_hidden)
     params = list(text_encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.text_lr, weight_decay=0.01)
-    path, step, last_save = work / "text.pt", 0, time.time()
-    if (state := load_checkpoint(path)) is not None:
-        text_encoder.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-    budget = Budget(recipe.text_steps, recipe.text_minutes, state["spent"] if state else 0.0)
+    path, last_save = work / "text.pt", time.time()
+    step, spent = resume(path, opt, model=text_encoder, heads=heads)
+    budget = Budget(recipe.text_steps, recipe.text_minutes, spent)
     start = time.time()
     while not budget.done(step):
         rng, _ = step_rng(recipe, "text", step)
