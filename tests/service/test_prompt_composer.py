@@ -268,6 +268,42 @@ def test_the_rewriter_settings_need_a_model_name() -> None:
     assert ChatRewriter("http://h:1/v1/", "m").url == "http://h:1/v1/chat/completions"
 
 
+# -- first prompts ----------------------------------------------------------------------------------
+
+HELLO = 'a large blue circle in the centre with the word "HELLO" on it, on a black background'
+"""The chat's first example, completed: white letters on the blue circle, so the background is neither."""
+
+
+@pytest.mark.parametrize(("prompt", "completed"), [
+    ('a blue circle with the word "HELLO" on it', HELLO),
+    ("a white square", "a large white square in the centre on a black background"),
+    ('a sign that says "KILN"', 'a sign that says "KILN" on a blue background'),  # a white sign, black letters
+    ('a red sign that says "GO"', 'a red sign that says "GO" on a black background'),
+    ('the word "SUN"', 'the word "SUN" in red on a white background'),
+    ('the word "SUN" in white', 'the word "SUN" in white on a black background'),
+    (TRIANGLE, "a large yellow triangle on the right on a purple background"),
+    ("a circle. add a hat", "a large red circle in the centre on a white background. add a hat"),
+    ("a lighthouse at dusk", None),
+])
+def test_a_first_prompt_gets_what_the_captions_always_say(prompt: str, completed: str | None) -> None:
+    assert rules.complete(prompt) == completed
+    if completed is not None:
+        assert rules.complete(completed) == completed  # complete already: drawn as written
+        said = rules.read(prompt)
+        kept = rules.read(completed)
+        assert all(getattr(kept, name) == value for name, value in dataclasses.asdict(said).items()
+                   if value is not None and name != "subject")
+
+
+def test_only_the_grammar_s_models_get_their_first_prompt_completed() -> None:
+    composer = PromptComposer({"embedded"})
+    assert composer.complete("embedded", "a white square").prompt == (
+        "a large white square in the centre on a black background"
+    )
+    assert composer.complete("embedded", "a large white square in the centre on a black background") is None
+    assert composer.complete("sdxl", "a white square") is None
+
+
 # -- POST /v1/jobs with image_id ---------------------------------------------------------------------
 
 def _done(http: Any, job: dict[str, Any]) -> str:
@@ -291,16 +327,19 @@ def test_jobs_with_image_id_compose_a_chain_of_follow_ups(start_server, settings
         image = _done(http, first)
         bye = http.post("/v1/jobs", json={"prompt": 'now make it say "BYE"', "image_id": image})
         assert bye.status_code == 202, bye.text
-        assert bye.json()["prompt"] == 'a blue circle with the word "BYE" on it'
+        assert first["prompt"] == HELLO and first["instruction"] == 'a blue circle with the word "HELLO" on it'
+        assert bye.json()["prompt"] == HELLO.replace("HELLO", "BYE")
         assert bye.json()["instruction"] == 'now make it say "BYE"'
         bye_image = _done(http, bye.json())
         left = http.post("/v1/jobs", json={"prompt": "move it to the left", "image_id": bye_image})
         shown = http.get(f"/v1/jobs/{left.json()['id']}").json()
-        assert shown["prompt"] == 'a blue circle on the left with the word "BYE" on it'
+        assert shown["prompt"] == HELLO.replace("HELLO", "BYE").replace("in the centre", "on the left")
         assert shown["instruction"] == "move it to the left" and shown["kind"] == "edit"
         assert shown["source_image_id"] == bye_image
         first_prompt = http.get(f"/v1/jobs/{first['id']}").json()["prompt"]
-        assert first_prompt == 'a blue circle with the word "HELLO" on it'
+        assert first_prompt == HELLO
+        as_said = http.post("/v1/jobs", json={"prompt": "a red square", "compose_prompt": False}).json()
+        assert as_said["prompt"] == "a red square" and as_said["instruction"] is None
         literal = http.post("/v1/jobs", json={"prompt": "a red square", "image_id": image,
                                               "compose_prompt": False})
         assert literal.json()["prompt"] == "a red square"

@@ -160,7 +160,9 @@ class JobRequest(GenerationRequest, WebhookOptions):
     # Follow-ups (prompt composer)
     compose_prompt: bool | None = None
     """With `image_id`: `prompt` is a follow-up ("make it green") and the image's own prompt is
-    rewritten with it (the default); false draws `prompt` exactly as given."""
+    rewritten with it (the default). Without: for the models that follow the embedded model's
+    grammar, what the prompt leaves unsaid (colour, size, place, background) is filled in, the user's
+    words kept as `instruction`. False draws `prompt` exactly as given."""
 
 
 class ImageData(BaseModel):
@@ -264,9 +266,10 @@ class JobInfo(BaseModel):
     # Follow-ups (prompt composer)
     prompt: str | None = None
     """The prompt the image is drawn from: for an edit of `image_id`, the one composed from that image's
-    prompt and the follow-up."""
+    prompt and the follow-up; for a new picture, the request's, completed for the embedded grammar."""
     instruction: str | None = None
-    """For an edit of `image_id`: the follow-up as sent (the request's `prompt`)."""
+    """The request's `prompt` as sent, when the prompt drawn is another (an edit's follow-up, a
+    completed first prompt)."""
     source_image_id: str | None = None
     """For an edit of `image_id`: that image."""
     webhook_url: str | None = None

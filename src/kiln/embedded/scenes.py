@@ -176,22 +176,50 @@ def _draw_shape(draw, scene: Scene, cx: float, cy: float, r: float) -> None:
         draw.polygon([top, left, right], fill=fill)
 
 
-def draw_scene(scene: Scene, rng: random.Random | None = None, size: int = NATIVE_SIZE) -> Image.Image:
-    """Draw a scene; with `rng`, jitter the shape's position and size a little so no two draws
+@dataclass(frozen=True)
+class Layout:
+    """Where a scene's parts land: the shape's centre and radius (fractions of the side), the
+    word's box in pixels (None without a word)."""
+
+    cx: float
+    cy: float
+    radius: float
+    word_box: tuple[int, int, int, int] | None
+
+
+def layout(scene: Scene, rng: random.Random | None = None, size: int = NATIVE_SIZE) -> Layout:
+    """Lay a scene out; with `rng`, jitter the shape's position and size a little so no two draws
     are equal (words and signs stay on the grid)."""
+    cx, cy = POSITION_CENTRES[scene.position]
+    radius = SIZE_RADII[scene.size]
+    if scene.kind in ("shape", "shape_word") and rng is not None:
+        cx += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+        cy += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+        radius *= rng.uniform(*RADIUS_JITTER)
+    box = text_box(scene.word, (cx, cy), size) if scene.word else None
+    return Layout(cx, cy, radius, box)
+
+
+def letter_boxes(word_box: tuple[int, int, int, int], length: int) -> list[tuple[int, int, int, int]]:
+    """Each letter's cell (x0, y0, x1, y1) inside a word's box: one LETTER_PITCH a letter."""
+    x0, y0, x1, y1 = word_box
+    pitch = (x1 - x0) // length
+    return [(x0 + i * pitch, y0, x0 + (i + 1) * pitch, y1) for i in range(length)]
+
+
+def draw_scene(scene: Scene, rng: random.Random | None = None, size: int = NATIVE_SIZE) -> Image.Image:
+    """Draw a scene (laid out by `layout`, jittered with `rng`)."""
+    return render(scene, layout(scene, rng, size), size)
+
+
+def render(scene: Scene, where: Layout, size: int = NATIVE_SIZE) -> Image.Image:
     big = size * _SUPERSAMPLE
     image = Image.new("RGB", (big, big), PALETTE[scene.background])
     draw = ImageDraw.Draw(image)
-    cx, cy = POSITION_CENTRES[scene.position]
     if scene.kind in ("shape", "shape_word"):
-        radius = SIZE_RADII[scene.size]
-        if rng is not None:
-            cx += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
-            cy += rng.uniform(-POSITION_JITTER, POSITION_JITTER)
-            radius *= rng.uniform(*RADIUS_JITTER)
-        _draw_shape(draw, scene, cx * big, cy * big, radius * big)
-    if scene.word:
-        x0, y0, x1, y1 = (v * _SUPERSAMPLE for v in text_box(scene.word, (cx, cy), size))
+        _draw_shape(draw, scene, where.cx * big, where.cy * big, where.radius * big)
+    if where.word_box is not None:
+        x0, y0, x1, y1 = (v * _SUPERSAMPLE for v in where.word_box)
         if scene.kind == "sign":
             pad = LATENT_GRID * size // NATIVE_SIZE * _SUPERSAMPLE
             draw.rectangle((x0 - pad, y0 - pad, x1 + pad - 1, y1 + pad - 1), fill=PALETTE[scene.color])
@@ -214,6 +242,14 @@ def all_scenes() -> list[Scene]:
 
 def scene_batch(scenes: list[Scene], rng: random.Random, size: int = NATIVE_SIZE) -> np.ndarray:
     """Draw scenes into a float array in [-1, 1], shaped (N, 3, H, W)."""
-    arrays = [np.asarray(draw_scene(s, rng, size), dtype=np.float32) for s in scenes]
+    return scene_batch_with_layouts(scenes, rng, size)[0]
+
+
+def scene_batch_with_layouts(
+    scenes: list[Scene], rng: random.Random, size: int = NATIVE_SIZE
+) -> tuple[np.ndarray, list[Layout]]:
+    """`scene_batch`, and where each scene's parts were drawn (its word's box, for one)."""
+    layouts = [layout(s, rng, size) for s in scenes]
+    arrays = [np.asarray(render(s, where, size), dtype=np.float32) for s, where in zip(scenes, layouts)]
     batch = np.stack(arrays).transpose(0, 3, 1, 2)
-    return batch / 127.5 - 1.0
+    return batch / 127.5 - 1.0, layouts

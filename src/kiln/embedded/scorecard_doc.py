@@ -100,6 +100,12 @@ def write_doc(path: Path, result: dict, analysis: str = "") -> None:
             "scorecard). The model draws the sign, or the band of text, in the right place and colours, "
             "without readable letters.\n\n"
         )
+    attention_line = (
+        f"one head of each cross-attention layer at {' and '.join(f'{r}x{r}' for r in recipe['attention_resolutions'])} "
+        "latent cells is taught where each letter goes: at the cells a letter covers it must attend to that "
+        f"letter's token (soft cross-entropy, weight {recipe.get('unet_attention_weight')}; `train_attention.py`);"
+        if recipe.get("unet_attention_weight") else ""
+    )
     init_line = (
         "The shipped weights were fine-tuned from the shapes-only model (the one in "
         "`src/kiln/embedded/model/` before words)." if recipe.get("init_from") else ""
@@ -243,13 +249,15 @@ nearest-neighbour. The numbers behind this page are in `embedded-scorecard.json`
   scene, the five attributes and each of the word's six letters from the `<eos>` position and
   every pad after it; the heads are thrown away, and the encoder then keeps learning with the
   UNet at lr {recipe.get("unet_text_lr")} (its EMA ships), so each letter's hidden state says what the
-  UNet's cross-attention needs to put that letter in its place.
+  UNet's cross-attention needs to put that letter in its place; small letter-slot heads (weight
+  {recipe.get("unet_slot_weight")}) make each letter's hidden state say which letter it is and its place in the word.
 - **UNet**: `UNet2DConditionModel` channels {tuple(sizes.get("unet_channels", ()))}, on {d["native_size"] // LATENT_FACTOR}x{d["native_size"] // LATENT_FACTOR} latents,
   cross-attention at every level below the first (a letter is about two cells at the next),
   the caption also pooled into the time embedding (`addition_embed_type="text"`); v-prediction,
   linear betas, min-SNR-{recipe.get("min_snr")} weighting, the loss per latent cell weighted like the
   autoencoder's (object {recipe.get("unet_object_weight")}x, near an edge {recipe.get("unet_edge_weight")}x more: letter strokes and outlines), AdamW {recipe.get("unet_lr")}, batch {recipe.get("unet_batch")},
   {recipe.get("cond_dropout", 0) * 100:.0f} % empty captions, EMA {recipe.get("ema_decay")} of the weights ships;
+  {attention_line}
   {tr.get("unet_steps_done", "?")} steps. Every {recipe.get("eval_every")} steps the EMA model draws {recipe.get("eval_prompts")} held-out prompts
   (half held-out words) and the best so far is saved.
 - Each stage runs to its planned steps or its minutes, whichever comes first, its learning rate

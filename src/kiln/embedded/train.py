@@ -34,6 +34,7 @@ from kiln.embedded import components
 from kiln.embedded.analyze import ATTRIBUTES, read_image, score
 from kiln.embedded.ocr import letter_accuracy, read_word
 from kiln.embedded.scenes import NATIVE_SIZE, PALETTE, Scene, sample_scene, sample_text_scene, scene_batch
+from kiln.embedded.scenes import scene_batch_with_layouts
 from kiln.embedded.text_captions import HELD_OUT_WORDS, describe, is_training_word
 from kiln.embedded.train_kit import (
     Budget,
@@ -45,6 +46,7 @@ from kiln.embedded.train_kit import (
     step_rng,
     training_scenes,
 )
+from kiln.embedded.train_attention import install_recorders, letter_attention_loss
 from kiln.embedded.train_text import LetterSlotHeads, letter_slot_loss, letter_slot_targets, tokenize, train_text
 
 MODEL_DIR = Path(__file__).parent / "model"
@@ -76,6 +78,10 @@ class Recipe:
     are what the UNet's cross-attention reads to put each letter in its place."""
     unet_slot_weight: float = 0.02
     """Weight of the letter-slot heads' loss on the text encoder in the UNet stage (`LetterSlotHeads`)."""
+    unet_attention_weight: float = 0.05
+    attention_resolutions: tuple[int, ...] = (16, 8)
+    """One head of each cross-attention layer at these latent resolutions is taught to attend, at
+    each letter's cells, to that letter's token (`train_attention`), with this weight."""
     unet_object_weight: float = 2.0
     unet_edge_weight: float = 4.0
     """The UNet's loss, like the autoencoder's, weights object pixels and pixels near an edge
@@ -170,18 +176,20 @@ def train_vae(recipe: Recipe, work: Path):
 
 
 def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
-    """Render the UNet's training scenes once and cache their latents, the latent scale and the
-    UNet's per-cell loss weights."""
+    """Render the UNet's training scenes once and cache their latents, the latent scale, the
+    UNet's per-cell loss weights and where each word was drawn."""
     path = work / "latents.pt"
     if (cached := load_checkpoint(path)) is not None:
         return cached
     rng = random.Random(f"{recipe.seed}-dataset")
     scenes = training_scenes(rng, recipe.dataset_size)
-    latents, weights = [], []
+    latents, weights, boxes = [], [], []
     with torch.no_grad():
         for i in range(0, len(scenes), 256):
             chunk = scenes[i : i + 256]
-            batch = torch.from_numpy(scene_batch(chunk, rng))
+            array, layouts = scene_batch_with_layouts(chunk, rng)
+            batch = torch.from_numpy(array)
+            boxes += [where.word_box for where in layouts]
             latents.append(vae.encode(batch).latent_dist.mean)
             w = pixel_weights(batch, chunk, recipe.unet_object_weight, recipe.unet_edge_weight)
             weights.append(F.max_pool2d(w, components.LATENT_FACTOR).half())
@@ -190,6 +198,7 @@ def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
         "latents": latents,
         "weights": torch.cat(weights),
         "scenes": [asdict(s) for s in scenes],
+        "word_boxes": boxes,
         "scaling_factor": float(1.0 / latents.std()),
     }
     save_checkpoint(path, data)
@@ -437,6 +446,8 @@ def train_unet(
     latents = data["latents"][keep] * data["scaling_factor"]
     cell_weights = data["weights"][keep].float()
     scenes = [scenes[i] for i in keep]
+    word_boxes = [data["word_boxes"][i] for i in keep]
+    recorders = install_recorders(unet)
     eval_set = held_out_prompts(recipe, recipe.eval_prompts)
     last_save = time.time()
     seconds = summary.setdefault("unet_seconds", 0.0)
@@ -473,8 +484,15 @@ def train_unet(
         w = cell_weights[idx]
         per_image = (w * (pred - target) ** 2).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * pred.shape[1])
         weight = torch.clamp(snr[t], max=recipe.min_snr) / (snr[t] + 1)
-        slot_loss = letter_slot_loss(heads, cond, letter_slot_targets(tokenizer, ids))
-        loss = (weight * per_image).mean() + recipe.unet_slot_weight * slot_loss
+        letters = letter_slot_targets(tokenizer, ids)
+        slot_loss = letter_slot_loss(heads, cond, letters)
+        boxes = [word_boxes[i] for i in idx.tolist()]
+        attn_loss = letter_attention_loss(recorders, boxes, letters[0], recipe.attention_resolutions)
+        loss = (
+            (weight * per_image).mean()
+            + recipe.unet_slot_weight * slot_loss
+            + recipe.unet_attention_weight * attn_loss
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -485,7 +503,7 @@ def train_unet(
         step += 1
         if step % 50 == 0:
             log(work, f"unet step {step} loss {loss.item():.4f} slots {slot_loss.item():.3f} "
-                f"lr {opt.param_groups[0]['lr']:.2e}")
+                f"letter attention {attn_loss.item():.3f} lr {opt.param_groups[0]['lr']:.2e}")
         if step % recipe.eval_every == 0 or step == recipe.unet_steps:
             seconds += time.time() - mark
             best = eval_and_keep_best(recipe, work, out, parts, eval_set, step, best, seconds, summary)
@@ -527,6 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=WORK_DIR, help="checkpoints and logs")
     parser.add_argument("--out", type=Path, default=MODEL_DIR, help="where the pipeline is saved")
     parser.add_argument("--unet-steps", type=int, default=None)
+    parser.add_argument("--unet-batch", type=int, default=None)
     parser.add_argument("--minutes", type=float, default=None, help="stop the UNet stage after this")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--init", type=Path, default=None, help="fine-tune this pipeline (FINETUNE recipe)")
@@ -538,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         "pipeline in --out with it",
     )
     parser.add_argument("--decoder-steps", type=int, default=None)
+    parser.add_argument("--vae-minutes", type=float, default=None, help="the autoencoder stage's time limit")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipe = SMOKE if args.smoke else FINETUNE if args.init else Recipe()
@@ -545,8 +565,12 @@ def main(argv: list[str] | None = None) -> None:
         recipe = replace(recipe, init_from=str(args.init))
     if args.decoder_steps is not None:
         recipe = replace(recipe, decoder_steps=args.decoder_steps)
+    if args.vae_minutes is not None:
+        recipe = replace(recipe, vae_minutes=args.vae_minutes)
     if args.unet_steps is not None:
         recipe = replace(recipe, unet_steps=args.unet_steps)
+    if args.unet_batch is not None:
+        recipe = replace(recipe, unet_batch=args.unet_batch)
     deadline = time.time() + args.minutes * 60 if args.minutes is not None else None
     if args.smoke and args.work == WORK_DIR:
         with tempfile.TemporaryDirectory() as tmp:

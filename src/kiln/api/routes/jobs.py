@@ -67,7 +67,7 @@ async def submit_job(
         uploads = await asyncio.to_thread(ir.edit_inputs, content, None, state.settings.max_image_pixels)
         spec = await follow_up(state, account, body, image, _spec(state, body, "edit", "edit"))
     else:
-        spec = _spec(state, body, "generate", "generate")
+        spec = first_prompt(state, body, _spec(state, body, "generate", "generate"))
     spec.params["preview_every"] = state.settings.preview_every_steps
     if webhook is not None:
         spec.params["webhook"] = webhook
@@ -78,6 +78,16 @@ async def submit_job(
                                 uploads=uploads)
     response.headers.update(degraded_header(admission.job.degraded))
     return job_info(admission.job, state, admission)
+
+
+def first_prompt(state: AppState, body: JobRequest, spec: jobs.JobSpec) -> jobs.JobSpec:
+    """A new picture's spec, its prompt completed for the embedded grammar's models (the user's words
+    kept as `instruction`), unless `compose_prompt` is false."""
+    made = None if body.compose_prompt is False else state.prompts.complete(spec.model, body.prompt)
+    if made is None:
+        return spec
+    params = {**spec.params, "instruction": body.prompt, "composer": made.composer}
+    return dataclasses.replace(spec, prompt=made.prompt, params=params)
 
 
 async def follow_up(state: AppState, account: Account, body: JobRequest, image: jobs.ImageView,

@@ -1,6 +1,7 @@
 """The prompt of a follow-up edit, written from the picture's prompt and the change the user asked for,
 so that what they said before is kept ("make the triangle green" keeps the triangle's place and the
-background).
+background); and, for the embedded grammar's models, a first prompt completed with what their
+captions always say (`complete`).
 
 Which composer writes it depends on the model:
 - `rules` — models that follow the embedded model's caption grammar (the embedded model itself, found
@@ -83,6 +84,16 @@ class PromptComposer:
         if model in self.rules_models:
             return "rules"
         return "rewriter" if self.rewriter is not None else "append"
+
+    def complete(self, model: str, prompt: str) -> Composition | None:
+        """A first prompt with what `model`'s captions always say filled in (`embedded_rules.complete`),
+        for the models the rules compose; None when it is drawn as written."""
+        if self.kind_for(model) != "rules":
+            return None
+        completed = embedded_rules.complete(prompt)
+        if completed is None or completed == prompt:
+            return None
+        return Composition(completed, "rules")
 
     async def compose(self, model: str, previous: str, instruction: str,
                       earlier_turns: Sequence[str] = ()) -> Composition:

@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable
 
 from kiln.embedded.captions import COLOR_WORDS, POSITION_FORMS, SHAPE_WORDS, SIZE_WORDS
+from kiln.embedded.scenes import contrast_color
 
 PLACE_FORM = 0
 """Which of the grammar's position forms `render` writes: its first (on the left · on the right · at
@@ -303,3 +304,33 @@ def compose(previous: str, instruction: str) -> str | None:
     if render(before) is None:
         return None
     return render(read(instruction, before))
+
+
+FIRST_PROMPT_DEFAULTS = {"color": "red", "size": "large", "position": "centre"}
+"""What a first prompt that leaves it unsaid gets: the grammar's captions always say a shape's colour,
+size and place (and a word alone's colour), so a prompt without them is one the model never saw."""
+BACKGROUND_CHOICES = ("white", "black", "blue")
+"""An unsaid background: the first of these that is neither the object's colour nor its letters'."""
+
+
+def complete(prompt: str) -> str | None:
+    """A first prompt in the canonical phrasing, with what the training captions always say and the user
+    left unsaid filled in (as DALL·E 3 revises a prompt before drawing it): `a blue circle with the word
+    "HELLO" on it` → `a large blue circle in the centre with the word "HELLO" on it, on a white
+    background`. None when `prompt` does not read as a picture the embedded model draws."""
+    picture = read(prompt)
+    subject = _subject(picture)
+    if render(picture) is None:
+        return None
+    fill: dict[str, str] = {}
+    if subject == "shape":
+        fill = dict(FIRST_PROMPT_DEFAULTS)
+    elif subject == "word":
+        fill = {"color": FIRST_PROMPT_DEFAULTS["color"]}
+    filled = dataclasses.replace(picture, **{k: v for k, v in fill.items() if getattr(picture, k) is None})
+    if filled.background is None:
+        colour = filled.color or "white"  # a sign said without a colour is white
+        letters = colour if subject == "word" else contrast_color(colour) if filled.word else None
+        background = next(c for c in BACKGROUND_CHOICES if c not in (colour, letters))
+        filled = dataclasses.replace(filled, background=background)
+    return render(filled)

@@ -1,0 +1,124 @@
+"""Teaching the UNet's cross-attention where each letter goes (training only).
+
+The first from-scratch run of the words recipe learnt the layout (the sign, the band of text, its
+length and colours) but not which letter goes where: each spot of the band must read *its* letter
+token, and nothing told the cross-attention which one that is. The scene drawer knows exactly
+where every letter lands, so here one head of each cross-attention layer at the letter-sized
+resolutions is told: at the cells a letter covers, attend to that letter's token (a soft
+cross-entropy against the letter cells' coverage of each latent cell). The other heads stay free
+to read colours and everything else. This is the character-level attention supervision of
+text-rendering models (TextDiffuser's character-aware loss, GLIGEN-style grounding), done with the
+stock attention of a stock UNet: the weights it trains load into a plain diffusers pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from kiln.embedded.scenes import NATIVE_SIZE, letter_boxes
+
+SUPERVISED_HEAD = 0
+MIN_COVERAGE = 0.5
+"""A latent cell is supervised when letter cells cover at least this much of it."""
+
+
+class RecordingCrossAttention:
+    """diffusers' plain attention processor, keeping the log attention of one head (the
+    supervised one) for the loss of the current step."""
+
+    def __init__(self):
+        self.log_probs: torch.Tensor | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        batch, tokens, _ = hidden_states.shape
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+        probs = attn.get_attention_scores(query, key, mask)
+        self.log_probs = probs.view(batch, attn.heads, tokens, -1)[:, SUPERVISED_HEAD].clamp_min(1e-9).log()
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def install_recorders(unet) -> list[RecordingCrossAttention]:
+    """Put a recorder on every cross-attention layer (`attn2`) of `unet`; the others keep theirs."""
+    processors, recorders = {}, []
+    for name, processor in unet.attn_processors.items():
+        if ".attn2." in name:
+            recorder = RecordingCrossAttention()
+            recorders.append(recorder)
+            processors[name] = recorder
+        else:
+            processors[name] = processor
+    unet.set_attn_processor(processors)
+    return recorders
+
+
+def letter_targets(
+    word_boxes: list[tuple[int, int, int, int] | None],
+    letter_tokens: torch.Tensor,
+    resolution: int,
+    sequence: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft targets (batch, resolution², sequence) and the cells they apply to (batch, resolution²).
+
+    `letter_tokens` are rows (batch index, token position, letter, slot), as
+    `train_text.letter_slot_targets` gives them; a latent cell's target is the share of it that
+    each letter's cell covers, over that letter's token."""
+    targets = np.zeros((len(word_boxes), resolution * resolution, sequence), dtype=np.float32)
+    cell = NATIVE_SIZE / resolution
+    edges = np.arange(resolution) * cell
+    by_item: dict[int, list[tuple[int, int]]] = {}
+    for b, position, _, slot in letter_tokens.tolist():
+        by_item.setdefault(b, []).append((slot, position))
+    for b, letters in by_item.items():
+        box = word_boxes[b]
+        if box is None:
+            continue
+        cells = letter_boxes(box, len(letters))
+        for slot, position in letters:
+            x0, y0, x1, y1 = cells[slot]
+            ox = np.clip(np.minimum(x1, edges + cell) - np.maximum(x0, edges), 0, None) / cell
+            oy = np.clip(np.minimum(y1, edges + cell) - np.maximum(y0, edges), 0, None) / cell
+            targets[b, :, position] += np.outer(oy, ox).reshape(-1)
+    targets = torch.from_numpy(targets)
+    covered = targets.sum(dim=2)
+    mask = covered >= MIN_COVERAGE
+    return targets / covered.clamp_min(1e-6)[..., None], mask
+
+
+def letter_attention_loss(
+    recorders: list[RecordingCrossAttention],
+    word_boxes: list[tuple[int, int, int, int] | None],
+    letter_tokens: torch.Tensor,
+    resolutions: tuple[int, ...],
+) -> torch.Tensor:
+    """Mean soft cross-entropy of the supervised head's attention against the letter targets, over
+    the recorded layers at `resolutions` (zero when the batch has no letters)."""
+    losses, cache = [], {}
+    for recorder in recorders:
+        log_probs = recorder.log_probs
+        recorder.log_probs = None
+        if log_probs is None:
+            continue
+        resolution = math.isqrt(log_probs.shape[1])
+        if resolution not in resolutions:
+            continue
+        if resolution not in cache:
+            cache[resolution] = letter_targets(word_boxes, letter_tokens, resolution, log_probs.shape[2])
+        targets, mask = cache[resolution]
+        if mask.any():
+            losses.append(-(targets[mask] * log_probs[mask]).sum(dim=1).mean())
+    if not losses:
+        return torch.zeros(())
+    return torch.stack(losses).mean()
