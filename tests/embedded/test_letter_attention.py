@@ -70,3 +70,19 @@ def test_recording_processor_computes_what_the_stock_one_does_and_the_loss_has_g
     assert text.get_input_embeddings().weight.grad.abs().sum() > 0
     # every recording was consumed: the next step starts clean
     assert all(r.log_probs is None for r in recorders)
+
+
+def test_attention_accuracy_reads_the_supervised_head_and_leaves_the_unet_as_it_was():
+    from kiln.embedded.train import SMOKE, held_out_prompts
+    from kiln.embedded.train_attention import letter_attention_accuracy
+
+    torch.manual_seed(0)
+    tokenizer = components.build_tokenizer()
+    unet = components.build_unet(components.TINY).eval()
+    vae = components.build_vae(components.TINY).eval()
+    text = components.build_text_encoder(tokenizer, components.TINY).eval()
+    before = {name: type(p) for name, p in unet.attn_processors.items()}
+    cases = held_out_prompts(SMOKE, 6)
+    accuracy = letter_attention_accuracy(unet, vae, text, tokenizer, cases, (16, 8))
+    assert 0.0 <= accuracy < 0.9  # random weights do not look at the right letter
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == before

@@ -46,7 +46,8 @@ from kiln.embedded.train_kit import (
     step_rng,
     training_scenes,
 )
-from kiln.embedded.train_attention import install_recorders, letter_attention_loss
+from kiln.embedded.train_attention import install_recorders, letter_attention_accuracy
+from kiln.embedded.train_attention import letter_attention_loss
 from kiln.embedded.train_text import LetterSlotHeads, letter_slot_loss, letter_slot_targets, tokenize, train_text
 
 MODEL_DIR = Path(__file__).parent / "model"
@@ -369,11 +370,15 @@ def eval_and_keep_best(
     seconds: float,
     summary: dict,
 ) -> float:
-    """Score the EMA UNet on held-out prompts; save the pipeline if it is the best so far."""
+    """Score the EMA UNet on held-out prompts (and how often its supervised attention head looks at
+    the right letter); save the pipeline if it is the best so far."""
     vae, text_encoder, tokenizer, ema = parts
     pipe = components.assemble_pipeline(vae, text_encoder, tokenizer, ema)
     pipe.set_progress_bar_config(disable=True)
     accs = evaluate(recipe, pipe, eval_set)
+    accs["letter_attention"] = letter_attention_accuracy(
+        ema, vae, text_encoder, tokenizer, eval_set, recipe.attention_resolutions
+    )
     mean = float(np.mean([accs[name] for name in ATTRIBUTES]) + accs["letters"]) / 2
     log(
         work,

@@ -14,6 +14,7 @@ stock attention of a stock UNet: the weights it trains load into a plain diffuse
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import torch
@@ -122,3 +123,43 @@ def letter_attention_loss(
     if not losses:
         return torch.zeros(())
     return torch.stack(losses).mean()
+
+
+def letter_attention_accuracy(
+    unet, vae, text_encoder, tokenizer, prompts_scenes, resolutions: tuple[int, ...], timestep: int = 500
+) -> float:
+    """How often the supervised head looks at the right letter: the share of letter cells (at
+    `resolutions`) where its strongest attention is on the token of the letter covering most of
+    the cell, with the true drawing noised to `timestep` and the caption as the condition. The
+    scenes without a word are skipped; `unet` keeps its own attention processors."""
+    from kiln.embedded.components import build_train_scheduler
+    from kiln.embedded.scenes import scene_batch_with_layouts
+    from kiln.embedded.train_text import letter_slot_targets, tokenize
+
+    cases = [(p, s) for p, s in prompts_scenes if s.word]
+    if not cases:
+        return 0.0
+    array, layouts = scene_batch_with_layouts([s for _, s in cases], random.Random(0))
+    saved = unet.attn_processors
+    recorders = install_recorders(unet)
+    try:
+        with torch.no_grad():
+            images = torch.from_numpy(array).to(next(vae.parameters()).dtype)
+            latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0), dtype=latents.dtype)
+            t = torch.full((len(cases),), timestep)
+            noisy = build_train_scheduler().add_noise(latents, noise, t)
+            ids = tokenize(tokenizer, [p for p, _ in cases])
+            unet(noisy, t, text_encoder(ids).last_hidden_state).sample
+    finally:
+        unet.set_attn_processor(saved)
+    letters, _ = letter_slot_targets(tokenizer, ids)
+    boxes = [where.word_box for where in layouts]
+    hits, total = 0, 0
+    for recorder in recorders:
+        if recorder.log_probs is None or math.isqrt(recorder.log_probs.shape[1]) not in resolutions:
+            continue
+        targets, mask = letter_targets(boxes, letters, math.isqrt(recorder.log_probs.shape[1]), ids.shape[1])
+        hits += int((recorder.log_probs.argmax(dim=2) == targets.argmax(dim=2))[mask].sum())
+        total += int(mask.sum())
+    return hits / max(total, 1)
