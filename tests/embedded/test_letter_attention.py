@@ -86,3 +86,18 @@ def test_attention_accuracy_reads_the_supervised_head_and_leaves_the_unet_as_it_
     accuracy = letter_attention_accuracy(unet, vae, text, tokenizer, cases, (16, 8))
     assert 0.0 <= accuracy < 0.9  # random weights do not look at the right letter
     assert {name: type(p) for name, p in unet.attn_processors.items()} == before
+
+
+def test_word_boxes_of_an_older_cache_are_laid_out_again_exactly():
+    from kiln.embedded.scenes import scene_batch_with_layouts
+    from kiln.embedded.train import SMOKE, dataset_word_boxes
+    from kiln.embedded.train_kit import training_scenes
+
+    recipe = SMOKE
+    rng = random.Random(f"{recipe.seed}-dataset")  # what encode_dataset draws, in its order
+    scenes = training_scenes(rng, recipe.dataset_size)
+    drawn = []
+    for i in range(0, len(scenes), 5):
+        drawn += [where.word_box for where in scene_batch_with_layouts(scenes[i : i + 5], rng)[1]]
+    assert any(box is not None for box in drawn)
+    assert dataset_word_boxes(recipe) == drawn

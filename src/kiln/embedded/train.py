@@ -34,7 +34,7 @@ from kiln.embedded import components
 from kiln.embedded.analyze import ATTRIBUTES, read_image, score
 from kiln.embedded.ocr import letter_accuracy, read_word
 from kiln.embedded.scenes import NATIVE_SIZE, PALETTE, Scene, sample_scene, sample_text_scene, scene_batch
-from kiln.embedded.scenes import scene_batch_with_layouts
+from kiln.embedded.scenes import layout, scene_batch_with_layouts
 from kiln.embedded.text_captions import HELD_OUT_WORDS, describe, is_training_word
 from kiln.embedded.train_kit import (
     Budget,
@@ -181,6 +181,8 @@ def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
     UNet's per-cell loss weights and where each word was drawn."""
     path = work / "latents.pt"
     if (cached := load_checkpoint(path)) is not None:
+        if "word_boxes" not in cached:  # a cache from before the boxes were kept
+            cached["word_boxes"] = dataset_word_boxes(recipe)
         return cached
     rng = random.Random(f"{recipe.seed}-dataset")
     scenes = training_scenes(rng, recipe.dataset_size)
@@ -205,6 +207,14 @@ def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
     save_checkpoint(path, data)
     log(work, f"encoded {len(scenes)} scenes; latent std {latents.std():.3f}")
     return data
+
+
+def dataset_word_boxes(recipe: Recipe) -> list[tuple[int, int, int, int] | None]:
+    """Where `encode_dataset` drew each scene's word, laid out again from the same seed (the drawing
+    itself draws nothing from the generator, so the layouts come out the same without it)."""
+    rng = random.Random(f"{recipe.seed}-dataset")
+    scenes = training_scenes(rng, recipe.dataset_size)
+    return [layout(scene, rng).word_box for scene in scenes]
 
 
 def pixel_weights(images: torch.Tensor, scenes: list[Scene], weight: float, edge: float) -> torch.Tensor:
