@@ -19,7 +19,9 @@ import random
 import numpy as np
 import torch
 
-from kiln.embedded.scenes import NATIVE_SIZE, letter_boxes
+from kiln.embedded.components import build_train_scheduler
+from kiln.embedded.scenes import NATIVE_SIZE, letter_boxes, scene_batch_with_layouts
+from kiln.embedded.train_text import letter_slot_targets, tokenize
 
 SUPERVISED_HEAD = 0
 MIN_COVERAGE = 0.5
@@ -98,6 +100,22 @@ def letter_targets(
     return targets / covered.clamp_min(1e-6)[..., None], mask
 
 
+def _supervised_layers(recorders, word_boxes, letter_tokens, resolutions):
+    """(log attention, targets, mask) of each recorded layer at `resolutions`, the targets built once
+    a resolution; each recording is consumed, so the next forward pass starts clean."""
+    cache = {}
+    for recorder in recorders:
+        log_probs, recorder.log_probs = recorder.log_probs, None
+        if log_probs is None:
+            continue
+        resolution = math.isqrt(log_probs.shape[1])
+        if resolution not in resolutions:
+            continue
+        if resolution not in cache:
+            cache[resolution] = letter_targets(word_boxes, letter_tokens, resolution, log_probs.shape[2])
+        yield (log_probs, *cache[resolution])
+
+
 def letter_attention_loss(
     recorders: list[RecordingCrossAttention],
     word_boxes: list[tuple[int, int, int, int] | None],
@@ -106,20 +124,11 @@ def letter_attention_loss(
 ) -> torch.Tensor:
     """Mean soft cross-entropy of the supervised head's attention against the letter targets, over
     the recorded layers at `resolutions` (zero when the batch has no letters)."""
-    losses, cache = [], {}
-    for recorder in recorders:
-        log_probs = recorder.log_probs
-        recorder.log_probs = None
-        if log_probs is None:
-            continue
-        resolution = math.isqrt(log_probs.shape[1])
-        if resolution not in resolutions:
-            continue
-        if resolution not in cache:
-            cache[resolution] = letter_targets(word_boxes, letter_tokens, resolution, log_probs.shape[2])
-        targets, mask = cache[resolution]
-        if mask.any():
-            losses.append(-(targets[mask] * log_probs[mask]).sum(dim=1).mean())
+    losses = [
+        -(targets[mask] * log_probs[mask]).sum(dim=1).mean()
+        for log_probs, targets, mask in _supervised_layers(recorders, word_boxes, letter_tokens, resolutions)
+        if mask.any()
+    ]
     if not losses:
         return torch.zeros(())
     return torch.stack(losses).mean()
@@ -132,10 +141,6 @@ def letter_attention_accuracy(
     `resolutions`) where its strongest attention is on the token of the letter covering most of
     the cell, with the true drawing noised to `timestep` and the caption as the condition. The
     scenes without a word are skipped; `unet` keeps its own attention processors."""
-    from kiln.embedded.components import build_train_scheduler
-    from kiln.embedded.scenes import scene_batch_with_layouts
-    from kiln.embedded.train_text import letter_slot_targets, tokenize
-
     cases = [(p, s) for p, s in prompts_scenes if s.word]
     if not cases:
         return 0.0
@@ -156,10 +161,7 @@ def letter_attention_accuracy(
     letters, _ = letter_slot_targets(tokenizer, ids)
     boxes = [where.word_box for where in layouts]
     hits, total = 0, 0
-    for recorder in recorders:
-        if recorder.log_probs is None or math.isqrt(recorder.log_probs.shape[1]) not in resolutions:
-            continue
-        targets, mask = letter_targets(boxes, letters, math.isqrt(recorder.log_probs.shape[1]), ids.shape[1])
-        hits += int((recorder.log_probs.argmax(dim=2) == targets.argmax(dim=2))[mask].sum())
+    for log_probs, targets, mask in _supervised_layers(recorders, boxes, letters, resolutions):
+        hits += int((log_probs.argmax(dim=2) == targets.argmax(dim=2))[mask].sum())
         total += int(mask.sum())
     return hits / max(total, 1)
