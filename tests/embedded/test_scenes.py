@@ -5,7 +5,7 @@ import numpy as np
 from kiln.embedded.analyze import read_image, score
 from kiln.embedded.scenes import (
     COLORS,
-    LATENT_GRID,
+    WORD_GRID,
     LETTER_PITCH,
     NATIVE_SIZE,
     PALETTE,
@@ -51,12 +51,12 @@ def test_pixel_analysis_reads_drawn_scenes_back():
     assert wrong <= 2
 
 
-def test_words_sit_on_the_latent_grid_inside_the_picture():
+def test_words_sit_on_the_word_grid_inside_the_picture():
     for word in ("AB", "KILN", "ABCDEF"):
         for centre in ((0.5, 0.5), (0.28, 0.5), (0.72, 0.72), (0.0, 1.0)):
             x0, y0, x1, y1 = text_box(word, centre)
             assert (x1 - x0, y1 - y0) == (LETTER_PITCH * len(word), LETTER_PITCH)
-            assert x0 % LATENT_GRID == 0 and y0 % LATENT_GRID == 0
+            assert x0 % WORD_GRID == 0 and y0 % WORD_GRID == 0
             assert 0 < x0 and x1 < NATIVE_SIZE and 0 < y0 and y1 < NATIVE_SIZE
 
 
@@ -68,7 +68,7 @@ def test_text_scenes_draw_their_letters_in_their_colour():
         assert scene.text_color not in (scene.background,) and (kind == "word" or scene.text_color != scene.color)
         pixels = np.asarray(draw_scene(scene, rng)).reshape(-1, 3).astype(int)
         near = (np.abs(pixels - PALETTE[scene.text_color]).max(axis=1) < 10).sum()
-        assert near >= 6 * len(scene.word), (scene, near)
+        assert near >= 5 * len(scene.word), (scene, near)
 
 
 def test_the_word_reader_reads_true_drawings():

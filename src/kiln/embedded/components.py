@@ -19,8 +19,8 @@ spelt letter by letter, is under."""
 LATENT_CHANNELS = 4
 LATENT_FACTOR = 2
 """64x64 pictures <-> 32x32x4 latents (4 channels, so the stock inpainting pipeline takes the
-UNet as a legacy inpainting model). A letter is 9 pixels wide, 4.5 latent cells: a factor of 4
-left it 2.25 cells, and its strokes came back from the autoencoder as blobs."""
+UNet as a legacy inpainting model). A letter is 8 pixels wide, 4 latent cells: a factor of 4
+left it 2 cells, and its strokes came back from the autoencoder as blobs."""
 
 
 @dataclass(frozen=True)

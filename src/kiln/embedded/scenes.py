@@ -2,8 +2,9 @@
 anti-aliased.
 
 A scene is the ground truth that captions describe and the scorecard checks against. Words are
-2–6 capital letters in the font that ships with Pillow, drawn one letter to a 9-pixel cell, the
-word's box starting on the autoencoder's 4-pixel latent grid.
+2–6 capital letters in the font that ships with Pillow, drawn one letter to an 8-pixel cell, the
+word's box on an 8-pixel grid: every letter lands exactly on one cell of the UNet's 8x8 level, on
+2x2 of its 16x16 level and on 4x4 latent cells, always in the same phase.
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ KINDS = ("shape", "shape_word", "sign", "word")
 KIND_WEIGHTS = (0.3, 0.25, 0.2, 0.25)
 LETTERS = string.ascii_uppercase
 WORD_LENGTHS = (2, 6)
-LATENT_GRID = 4
-"""Native pixels per latent cell (the autoencoder's downsampling)."""
-LETTER_PITCH = 9
-"""Native pixels per letter cell (a little over two latent cells)."""
+SIGN_PAD = 4
+"""Native pixels of sign around its word."""
+WORD_GRID = 8
+"""Words start on this grid of native pixels: the UNet's 8x8 level (64 / 8)."""
+LETTER_PITCH = 8
+"""Native pixels per letter cell: one cell of the UNet's 8x8 level, so each letter's latent patch
+is drawn in one phase only (a 9-pixel pitch put each letter of a word in a different phase of the
+grid, four versions of every glyph for the networks to learn)."""
 FONT_SIZE = 11
 """Pillow's default font at this size: capitals about 8 native pixels tall."""
 STROKE = 0.5
@@ -135,8 +140,8 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 def text_box(word: str, centre: tuple[float, float], size: int = NATIVE_SIZE) -> tuple[int, int, int, int]:
     """The word's box (x0, y0, x1, y1) in native pixels: one LETTER_PITCH cell a letter, centred
-    near `centre` (fractions), snapped to the latent grid and kept inside the picture."""
-    grid = LATENT_GRID * size // NATIVE_SIZE
+    near `centre` (fractions), snapped to WORD_GRID and kept inside the picture."""
+    grid = WORD_GRID * size // NATIVE_SIZE
     pitch = LETTER_PITCH * size // NATIVE_SIZE
     width = len(word) * pitch
     x0 = round((centre[0] * size - width / 2) / grid) * grid
@@ -221,7 +226,7 @@ def render(scene: Scene, where: Layout, size: int = NATIVE_SIZE) -> Image.Image:
     if where.word_box is not None:
         x0, y0, x1, y1 = (v * _SUPERSAMPLE for v in where.word_box)
         if scene.kind == "sign":
-            pad = LATENT_GRID * size // NATIVE_SIZE * _SUPERSAMPLE
+            pad = SIGN_PAD * size // NATIVE_SIZE * _SUPERSAMPLE
             draw.rectangle((x0 - pad, y0 - pad, x1 + pad - 1, y1 + pad - 1), fill=PALETTE[scene.color])
         _draw_word(draw, scene.word, (x0, y0, x1, y1), _SUPERSAMPLE * size // NATIVE_SIZE, PALETTE[scene.text_color])
     return image.resize((size, size), Image.Resampling.LANCZOS)

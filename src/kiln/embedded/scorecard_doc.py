@@ -7,7 +7,7 @@ from pathlib import Path
 from kiln.embedded.analyze import ATTRIBUTES
 from kiln.embedded.captions import POSITION_FORMS, SIZE_WORDS
 from kiln.embedded.components import LATENT_CHANNELS, LATENT_FACTOR, MAX_TOKENS
-from kiln.embedded.scenes import COLORS, FONT_SIZE, KIND_WEIGHTS, LATENT_GRID, LETTER_PITCH, POSITIONS, SHAPES, SIZES
+from kiln.embedded.scenes import COLORS, FONT_SIZE, KIND_WEIGHTS, LETTER_PITCH, WORD_GRID, POSITIONS, SHAPES, SIZES
 from kiln.embedded.scorecard import (
     TARGET_ACCURACY,
     TARGET_LETTERS,
@@ -230,7 +230,7 @@ nearest-neighbour. The numbers behind this page are in `embedded-scorecard.json`
 - **Data**: `scenes.py` draws scenes procedurally at {d["native_size"]}x{d["native_size"]} (4x supersampled): {KIND_WEIGHTS[0] * 100:.0f} % plain
   shapes, {KIND_WEIGHTS[1] * 100:.0f} % shapes with a word, {KIND_WEIGHTS[2] * 100:.0f} % signs, {KIND_WEIGHTS[3] * 100:.0f} % words alone. Letters are Pillow's default
   font at size {FONT_SIZE}, a little emboldened, one to a {LETTER_PITCH}-pixel cell, the word's box on a
-  {LATENT_GRID}-pixel grid, centred on the shape or the picture. Training words are random 2–6
+  {WORD_GRID}-pixel grid (one cell of the UNet's 8x8 level a letter), centred on the shape or the picture. Training words are random 2–6
   letter strings (75 %) and the real `TRAINING_WORDS` (25 %), never a held-out word.
   `captions.py` describes shapes from a compositional grammar ({result["n_phrasings"]} phrasings,
   {result["n_phrasings_held_out"]} of them held out by a stable hash); `text_captions.py` adds the
