@@ -90,12 +90,10 @@ def test_attention_accuracy_reads_the_supervised_head_and_leaves_the_unet_as_it_
 
 def test_word_boxes_of_an_older_cache_are_laid_out_again_exactly():
     from kiln.embedded.scenes import scene_batch_with_layouts
-    from kiln.embedded.train import SMOKE, dataset_word_boxes
-    from kiln.embedded.train_kit import training_scenes
+    from kiln.embedded.train import SMOKE, dataset_scenes, dataset_word_boxes
 
     recipe = SMOKE
-    rng = random.Random(f"{recipe.seed}-dataset")  # what encode_dataset draws, in its order
-    scenes = training_scenes(rng, recipe.dataset_size)
+    rng, scenes = dataset_scenes(recipe)  # what encode_dataset draws, in its order
     drawn = []
     for i in range(0, len(scenes), 5):
         drawn += [where.word_box for where in scene_batch_with_layouts(scenes[i : i + 5], rng)[1]]

@@ -186,8 +186,7 @@ def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
         if "word_boxes" not in cached:  # a cache from before the boxes were kept
             cached["word_boxes"] = dataset_word_boxes(recipe)
         return cached
-    rng = random.Random(f"{recipe.seed}-dataset")
-    scenes = training_scenes(rng, recipe.dataset_size)
+    rng, scenes = dataset_scenes(recipe)
     latents, weights, boxes = [], [], []
     with torch.no_grad():
         for i in range(0, len(scenes), 256):
@@ -211,11 +210,16 @@ def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
     return data
 
 
+def dataset_scenes(recipe: Recipe) -> tuple[random.Random, list[Scene]]:
+    """The UNet's training scenes, and the generator `encode_dataset` goes on to lay them out with."""
+    rng = random.Random(f"{recipe.seed}-dataset")
+    return rng, training_scenes(rng, recipe.dataset_size)
+
+
 def dataset_word_boxes(recipe: Recipe) -> list[tuple[int, int, int, int] | None]:
     """Where `encode_dataset` drew each scene's word, laid out again from the same seed (the drawing
     itself draws nothing from the generator, so the layouts come out the same without it)."""
-    rng = random.Random(f"{recipe.seed}-dataset")
-    scenes = training_scenes(rng, recipe.dataset_size)
+    rng, scenes = dataset_scenes(recipe)
     return [layout(scene, rng).word_box for scene in scenes]
 
 
