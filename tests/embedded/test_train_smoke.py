@@ -17,9 +17,23 @@ def test_smoke_training_writes_a_loadable_pipeline_and_resumes(tmp_path):
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     image = pipe('a sign that says "KILN"', num_inference_steps=1, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
+    # The letter losses wait for the colours (or step letter_losses_by, 2 in the smoke recipe).
+    log = (work / "train.log").read_text()
+    assert "unet step 2: the letter-slot and letter-attention losses switch on" in log
+    assert "unet step 1: the letter" not in log
+    assert json.loads((out / "training.json").read_text())["letter_losses_from_step"] == 2
 
     # A second run finds every stage finished and trains nothing more.
     log_lines = (work / "train.log").read_text().count("\n")
     train.main(["--smoke", "--work", str(work), "--out", str(out), "--threads", "2"])
     new = (work / "train.log").read_text().splitlines()[log_lines:]
     assert not any(" step " in line and "eval" not in line for line in new), new
+
+
+def test_letter_losses_wait_for_colour_and_background():
+    recipe = train.Recipe()
+    learnt = {"color": 0.95, "background": 0.9}
+    assert train.letter_losses_due(recipe, 400, learnt)
+    assert not train.letter_losses_due(recipe, 400, {"color": 0.95, "background": 0.85})
+    assert not train.letter_losses_due(recipe, 401, None)
+    assert train.letter_losses_due(recipe, recipe.letter_losses_by, None)
