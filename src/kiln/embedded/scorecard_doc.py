@@ -106,6 +106,12 @@ def write_doc(path: Path, result: dict, analysis: str = "") -> None:
         f"letter's token (soft cross-entropy, weight {recipe.get('unet_attention_weight')}; `train_attention.py`);"
         if recipe.get("unet_attention_weight") else ""
     )
+    if (switched := tr.get("letter_losses_from_step")) is not None and recipe.get("letter_losses_at"):
+        attention_line += (
+            f" the letter-slot and letter-attention losses waited for the colours: on from step {switched} "
+            f"(the first eval reading colour and background at {_pct(recipe['letter_losses_at'])}, or step "
+            f"{recipe.get('letter_losses_by')} at the latest);"
+        )
     init_line = (
         "The shipped weights were fine-tuned from the shapes-only model (the one in "
         "`src/kiln/embedded/model/` before words)." if recipe.get("init_from") else ""
