@@ -470,7 +470,7 @@ def train_unet(
         step, best = state["step"], state["best"]
         summary["unet_seconds"] = state.get("seconds", 0.0)
         summary.setdefault("slot_heads_from_step", state.get("slot_heads_from_step", step))
-        # a checkpoint from before the switch had the letter losses on from its first step
+        # a checkpoint written before letter_losses_from_step existed had the letter losses on from step 0
         summary.setdefault("letter_losses_from_step", state.get("letter_losses_from_step", 0))
     if len(opt.param_groups) == 2:
         opt.add_param_group(heads_group)
