@@ -38,6 +38,21 @@ def _word_rows(result: dict) -> str:
     return "\n".join(rows)
 
 
+def continued_line(training: dict) -> str:
+    """How a run that went on from earlier weights (`--init`) got its starting point."""
+    before, steps = training.get("continued_from"), 0
+    if before is None:
+        return "The shipped weights were fine-tuned from an earlier model."
+    while before is not None:  # every run the weights went through, back to the first
+        steps, before = steps + before.get("unet_steps_done", 0), before.get("continued_from")
+    recipe = training["recipe"]
+    return (
+        f"The shipped weights went on from the model shipped before them (its autoencoder unchanged, its "
+        f"UNet then trained {steps:,} steps) for {training.get('unet_steps_done', 0):,} more UNet steps at a "
+        f"peak rate of {recipe['unet_lr']:g}, on a fresh {recipe['dataset_size']:,} scenes (seed {recipe['seed']})."
+    )
+
+
 def shortfalls(result: dict) -> list[str]:
     held, words = result["held_out"], result["words_held_out"]
     out = [f"{name} accuracy {_pct(held[name])} < 90 %" for name in ATTRIBUTES if held[name] < TARGET_ACCURACY]
@@ -106,16 +121,15 @@ def write_doc(path: Path, result: dict, analysis: str = "") -> None:
         f"letter's token (soft cross-entropy, weight {recipe.get('unet_attention_weight')}; `train_attention.py`);"
         if recipe.get("unet_attention_weight") else ""
     )
-    if (switched := tr.get("letter_losses_from_step")) is not None and recipe.get("letter_losses_at"):
+    if recipe.get("letter_losses_by") == 0:
+        attention_line += " the letter-slot and letter-attention losses were on from this run's first step;"
+    elif (switched := tr.get("letter_losses_from_step")) is not None and recipe.get("letter_losses_at"):
         attention_line += (
             f" the letter-slot and letter-attention losses waited for the colours: on from step {switched} "
             f"(the first eval reading colour and background at {_pct(recipe['letter_losses_at'])}, or step "
             f"{recipe.get('letter_losses_by')} at the latest);"
         )
-    init_line = (
-        "The shipped weights were fine-tuned from the shapes-only model (the one in "
-        "`src/kiln/embedded/model/` before words)." if recipe.get("init_from") else ""
-    )
+    init_line = continued_line(tr) if recipe.get("init_from") else ""
     path.write_text(f"""# Kiln's embedded model
 
 A tiny text-to-image model that Kiln trains itself and ships in the repository

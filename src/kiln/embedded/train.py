@@ -130,25 +130,21 @@ SMOKE = Recipe(
 
 
 FINETUNE = Recipe(
-    dataset_size=6_000,
-    vae_steps=1_500,
-    vae_batch=16,
-    vae_lr=5e-4,
-    vae_minutes=9.0,
-    decoder_steps=600,
-    decoder_minutes=4.0,
-    text_steps=400,
-    text_lr=5e-4,
-    text_minutes=4.0,
-    unet_steps=3_000,
+    seed=1235,
+    vae_steps=0,
+    decoder_steps=0,
+    text_steps=0,
+    unet_steps=7_000,
     unet_batch=32,
-    unet_lr=2e-4,
-    unet_warmup=20,
-    ema_decay=0.995,
-    eval_every=150,
+    unet_lr=3e-4,
+    unet_text_lr=6e-5,
+    unet_warmup=100,
+    letter_losses_by=0,
 )
-"""Fine-tuning a pipeline of this recipe's architecture (`--init`): short stages, low learning rates.
-(The shapes-only model that ships has the older 16x16-latent architecture and does not load into it.)"""
+"""Going on training a shipped pipeline of this recipe's architecture (`--init`): its autoencoder
+stays exactly as it is (the UNet has learnt its latents, and they keep its latent scale), the
+text encoder goes on learning only beside the UNet, the letter losses are on from the first step,
+and the UNet draws a fresh 30,000 scenes (another seed) at a lower peak rate with its own warm-up."""
 
 
 # --- stage 1: autoencoder -------------------------------------------------------------------
@@ -211,11 +207,18 @@ def encode_dataset(recipe: Recipe, work: Path, vae) -> dict:
         "weights": torch.cat(weights),
         "scenes": [asdict(s) for s in scenes],
         "word_boxes": boxes,
-        "scaling_factor": float(1.0 / latents.std()),
+        "scaling_factor": init_scaling_factor(recipe) or float(1.0 / latents.std()),
     }
     save_checkpoint(path, data)
     log(work, f"encoded {len(scenes)} scenes; latent std {latents.std():.3f}")
     return data
+
+
+def init_scaling_factor(recipe: Recipe) -> float | None:
+    """The latent scale of the pipeline a run goes on from (its UNet learnt latents at that scale)."""
+    if recipe.init_from is None:
+        return None
+    return float(json.loads((Path(recipe.init_from) / "vae" / "config.json").read_text())["scaling_factor"])
 
 
 def dataset_scenes(recipe: Recipe) -> tuple[random.Random, list[Scene]]:
@@ -502,6 +505,9 @@ def train_unet(
 
     left_s = (deadline - time.time()) if deadline is not None else None
     budget = Budget(recipe.unet_steps, (seconds + left_s) / 60 if left_s else None, seconds)
+    if not letters_on and letter_losses_due(recipe, step, None):  # letter_losses_by 0: from the start
+        letters_on, recorders = True, install_recorders(unet)
+        summary["letter_losses_from_step"] = step
     while not budget.done(step):
         rng, gen = step_rng(recipe, "unet", step)
         torch.manual_seed(rng.getrandbits(63))  # dropout inside the text encoder
@@ -565,6 +571,8 @@ def run(recipe: Recipe, work: Path, out: Path, deadline: float | None = None, st
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     summary = {"recipe": asdict(recipe)}
+    if recipe.init_from is not None and (before := Path(recipe.init_from) / "training.json").exists():
+        summary["continued_from"] = json.loads(before.read_text())  # how the starting weights were trained
     tokenizer = components.build_tokenizer()
     t0 = time.time()
     vae = train_vae(recipe, work)

@@ -62,6 +62,8 @@ class Budget:
         return self.spent_s + time.time() - self.mark
 
     def progress(self, step: int) -> float:
+        if self.steps <= 0:  # a stage of no steps (one a continuation skips) is done from the start
+            return 1.0
         by_time = self.spent() / self.budget_s if self.budget_s else 0.0
         return min(1.0, max(step / self.steps, by_time))
 
