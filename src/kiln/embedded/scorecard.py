@@ -180,8 +180,8 @@ def sweep(pipe, n: int) -> list[tuple[int, float, dict]]:
     shapes = prompts("held_out", n, seed=7)
     words = word_cases(HELD_OUT_WORDS[:n], seed=7)
     out = []
-    for steps in (6, 10):
-        for guidance in (2.0, 3.0, 5.0):
+    for steps in (5, 6, 10):
+        for guidance in (2.0, 3.0, 4.0, 5.0):
             attrs = accuracy(generate(pipe, [p for p, _ in shapes], steps, guidance, 0), shapes)
             read = word_accuracy(generate(pipe, [p for p, _ in words], steps, guidance, 0), words)
             out.append((steps, guidance, attrs | {"words": read["words"], "letters": read["letters"]}))
