@@ -27,6 +27,9 @@ def test_a_run_that_went_on_from_earlier_weights_says_so(tmp_path):
     page = tmp_path / "embedded-model.md"
     write_doc(page, result)
     text = page.read_text()
-    assert f"UNet then trained {earlier['unet_steps_done']:,} steps) for 4,400 more UNet steps" in text
+    before, trained = earlier, 0
+    while before is not None:  # the earlier weights may themselves have gone on from others
+        trained, before = trained + before["unet_steps_done"], before.get("continued_from")
+    assert f"UNet then trained {trained:,} steps) for 4,400 more UNet steps" in text
     assert "seed 1235" in text
     assert "on from this run's first step" in text
