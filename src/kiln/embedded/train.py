@@ -598,7 +598,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=MODEL_DIR, help="where the pipeline is saved")
     parser.add_argument("--unet-steps", type=int, default=None)
     parser.add_argument("--unet-batch", type=int, default=None)
-    parser.add_argument("--minutes", type=float, default=None, help="stop the UNet stage after this")
+    parser.add_argument(
+        "--minutes", type=float, default=None,
+        help="a wall-clock deadline for the whole run, from its start: the UNet stage ends by then",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--init", type=Path, default=None, help="fine-tune this pipeline (FINETUNE recipe)")
     parser.add_argument(
